@@ -1,0 +1,137 @@
+//! The admin port: probes, Prometheus metrics, the running config, and shutdown.
+//!
+//! `GET /live`, `GET /ready` (200 once the listeners are bound and config loaded,
+//! 503 with the reason otherwise), `GET /metrics`, `GET /config_dump`,
+//! `POST /shutdown`.
+
+use crate::{server::Settings, table::SharedTable};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::{net::TcpListener, sync::Notify};
+
+pub struct AdminState {
+    /// Set once the proxy serves traffic, cleared when it starts draining.
+    pub ready: AtomicBool,
+    /// Wakes the main task when `POST /shutdown` arrives.
+    pub shutdown: Notify,
+    metrics: PrometheusHandle,
+    table: SharedTable,
+    settings: Arc<Settings>,
+}
+
+impl AdminState {
+    pub fn new(
+        metrics: PrometheusHandle,
+        table: SharedTable,
+        settings: Arc<Settings>,
+    ) -> Arc<Self> {
+        Arc::new(AdminState {
+            ready: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            metrics,
+            table,
+            settings,
+        })
+    }
+}
+
+/// Serves the admin port until the process exits (it stays up while draining so
+/// probes see `/ready` turn 503).
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    // Histograms are kept as buckets; upkeep keeps the exporter's memory bounded.
+    let upkeep = state.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, req)) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: starting up or draining\n",
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, state.metrics.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
+        (&Method::GET, "/config_dump") => {
+            let table = state.table.load();
+            let dump = serde_json::json!({
+                "settings": &*state.settings,
+                "config": &table.config,
+            });
+            let mut response = text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+            );
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        (&Method::POST, "/shutdown") => {
+            state.shutdown.notify_one();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config_dump" | "/shutdown") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint {path}\n")),
+    }
+}

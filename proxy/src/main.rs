@@ -1,0 +1,188 @@
+//! `trellis-proxy`: `init` writes the pod's iptables rules, `run` is the sidecar.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{
+    collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
+use trellis_proxy::{
+    config::Config,
+    duration,
+    iptables::{self, Cidr, Rules},
+    server::{self, Settings, DEFAULT_OPAQUE_PORTS},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-proxy",
+    version,
+    about = "Trellis service-mesh sidecar proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the pod's iptables nat rules that redirect its TCP through the proxy.
+    Init(InitArgs),
+    /// Run the proxy.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// The uid the proxy runs as; its own traffic is never redirected.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The gid the proxy runs as [default: the proxy uid].
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The proxy's admin port, never redirected inbound.
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// Inbound destination ports left alone (comma list).
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone (comma list).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination ranges left alone (comma list of CIDRs).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<Cidr>,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules init added, and nothing else.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Static config (services and their endpoints). Without it the proxy is a
+    /// transparent passthrough.
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    outbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    admin_addr: SocketAddr,
+    /// How long to wait for a client's first bytes before treating it as opaque TCP.
+    #[arg(long, default_value = "1s", value_parser = duration::parse)]
+    detect_timeout: Duration,
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    connect_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    drain_timeout: Duration,
+    /// Ports proxied as opaque TCP without protocol detection (comma list).
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_OPAQUE_PORTS)]
+    opaque_ports: Vec<u16>,
+    /// Worker threads; 1 runs everything on one thread, which suits a sidecar.
+    #[arg(long, default_value_t = 1, env = "TRELLIS_THREADS")]
+    threads: usize,
+    #[arg(long, value_enum, default_value = "text", env = "TRELLIS_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(args) => init(args),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("trellis-proxy: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let rules = Rules {
+        proxy_uid: args.proxy_uid,
+        proxy_gid: args.proxy_gid.unwrap_or(args.proxy_uid),
+        outbound_port: args.outbound_port,
+        inbound_port: args.inbound_port,
+        admin_port: args.admin_port,
+        exclude_inbound_ports: args.exclude_inbound_ports,
+        exclude_outbound_ports: args.exclude_outbound_ports,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+    };
+    if args.dry_run {
+        let commands = if args.cleanup {
+            iptables::cleanup_commands()
+        } else {
+            iptables::cleanup_commands()
+                .into_iter()
+                .chain(rules.install_commands())
+                .collect()
+        };
+        for command in commands {
+            println!("iptables -t nat {}", command.join(" "));
+        }
+        return Ok(());
+    }
+    if args.cleanup {
+        iptables::cleanup()?;
+    } else {
+        iptables::install(&rules)?;
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let settings = Settings {
+        config_file: args.config,
+        outbound_addr: args.outbound_addr,
+        inbound_addr: args.inbound_addr,
+        admin_addr: args.admin_addr,
+        detect_timeout: args.detect_timeout,
+        connect_timeout: args.connect_timeout,
+        drain_timeout: args.drain_timeout,
+        opaque_ports: args.opaque_ports.into_iter().collect::<BTreeSet<_>>(),
+    };
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
+    runtime.block_on(server::run(settings, config))?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Pooled upstream HTTP connections, keyed by endpoint address.
+//!
+//! HTTP/2 connections are shared: one per endpoint carries every concurrent stream.
+//! HTTP/1.1 connections carry one request at a time; an idle one is checked out for
+//! a request and checked back in when its response body has been read to the end.
+//! A request that fails on a reused connection before any of it was written (the
+//! server closed an idle keep-alive connection) is sent again on a fresh one.
+
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::net::TcpStream;
+
+/// Why an upstream request failed, mapped to a response flag by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("upstream {addr} closed or reset the connection: {source}")]
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    /// True when no connection could be made at all (nothing reached the server).
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+        )
+    }
+}
+
+/// The most idle HTTP/1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+pub struct Pool {
+    connect_timeout: Duration,
+    h1_idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+/// An HTTP/1 connection lent to one request, returned when its response is done.
+pub struct Lease {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl Lease {
+    /// Puts the connection back for the next request to the same endpoint.
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.pool.h1_idle);
+        let list = idle.entry(self.addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(self.sender);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps hold no invariant a panic could break; keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool {
+            connect_timeout,
+            h1_idle: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout {
+                addr,
+                timeout: self.connect_timeout,
+            })?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    /// Takes an idle HTTP/1 connection that is still usable, if there is one.
+    async fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+        loop {
+            let mut sender = lock(&self.h1_idle).get_mut(&addr)?.pop()?;
+            // Ready at once if idle; waits out a response the server is finishing;
+            // fails if the server closed it.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let io = self.connect(addr).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends an HTTP/1 request; the lease must be released once the response body
+    /// has been read to its end (or dropped, which closes the connection).
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.checkout_h1(addr).await {
+                Some(sender) => (sender, true),
+                None => (self.connect_h1(addr).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        pool: self.clone(),
+                        addr,
+                        sender,
+                    };
+                    return Ok((response, lease));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Not written at all: safe to send again on a fresh connection.
+                    Some(unsent) if reused => req = unsent,
+                    _ => {
+                        return Err(UpstreamError::Reset {
+                            addr,
+                            source: error.into_error(),
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    /// Sends an HTTP/2 request on the endpoint's shared connection.
+    pub async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let existing = lock(&self.h2)
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match existing {
+            Some(sender) => sender,
+            None => {
+                let io = self.connect(addr).await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+                    }
+                });
+                lock(&self.h2).insert(addr, sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::Reset { addr, source })?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Reset { addr, source })
+    }
+}
