@@ -1,1 +1,43 @@
+//! End-to-end harness for Trellis: pods as network namespaces ([`netns`]), real
+//! sidecars written by `trellis-proxy init` and run as uid 1337 ([`sidecar`]), the
+//! applications that run in the pods ([`apps`]) and clients that know nothing of the
+//! mesh ([`http`], [`grpc`]).
 
+pub mod apps;
+pub mod grpc;
+pub mod http;
+pub mod mesh;
+pub mod netns;
+pub mod prom;
+pub mod sidecar;
+
+/// The generated test gRPC service (`proto/echo.proto`).
+pub mod proto {
+    tonic::include_proto!("trellis.test");
+}
+
+/// A directory under the system temp dir, readable by the proxy's uid, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "trellis-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

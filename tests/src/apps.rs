@@ -1,0 +1,241 @@
+//! The applications that run in test pods: an HTTP/1.1 + h2c server, a gRPC
+//! service, a WebSocket echo, a TCP echo and a server-first (banner) protocol.
+//! They run on the test's runtime, listening on sockets made inside the pod.
+
+use crate::proto::{
+    echo_server::{Echo, EchoServer},
+    EchoReply, EchoRequest, StreamRequest,
+};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use std::{convert::Infallible, pin::Pin, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tonic::Status;
+
+type AppBody = BoxBody<Bytes, Infallible>;
+
+/// The byte at offset `i` of every generated body, so a receiver can check content.
+pub fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// A running app; dropping it stops the accept loop.
+pub struct App(JoinHandle<()>);
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_accept<F, Fut>(listener: TcpListener, serve: F) -> App
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    App(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
+        }
+    }))
+}
+
+/// HTTP/1.1 and h2c on one port. Routes:
+/// - `/` answers `hello from <name>`;
+/// - `/upload` reads the whole request body as a stream and answers `<len> <sum>`;
+/// - `/bytes/<n>` streams `n` pattern bytes in 64 KiB chunks;
+/// - `/slow/<ms>` answers after `ms` milliseconds;
+/// - `/status/<code>` answers with that status.
+///
+/// Every response carries `x-app` (the name), `x-seen-host` (the Host or authority
+/// the app saw) and `x-seen-headers` (the request header names it got).
+pub fn http_app(listener: TcpListener, name: &'static str) -> App {
+    spawn_accept(listener, move |stream| async move {
+        let _ = stream.set_nodelay(true);
+        let service = hyper::service::service_fn(move |req| handle(name, req));
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .await;
+    })
+}
+
+async fn handle(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<AppBody>, Infallible> {
+    let seen_host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let seen_headers = req
+        .headers()
+        .keys()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let path = req.uri().path().to_owned();
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (status, body): (StatusCode, AppBody) = match (parts.next(), parts.next()) {
+        (Some("upload"), _) => {
+            let mut body = req.into_body();
+            let (mut len, mut sum) = (0u64, 0u64);
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(data) = frame.data_ref() {
+                    for (i, b) in data.iter().enumerate() {
+                        sum = sum.wrapping_add((len + i as u64).wrapping_mul(u64::from(*b)));
+                    }
+                    len += data.len() as u64;
+                }
+            }
+            (StatusCode::OK, full(format!("{len} {sum}")))
+        }
+        (Some("bytes"), Some(n)) => {
+            let total: usize = n.parse().unwrap_or(0);
+            let chunks = (0..total).step_by(64 * 1024).map(move |start| {
+                let end = (start + 64 * 1024).min(total);
+                Ok::<_, Infallible>(Frame::data(Bytes::from(
+                    (start..end).map(pattern).collect::<Vec<u8>>(),
+                )))
+            });
+            (
+                StatusCode::OK,
+                BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))),
+            )
+        }
+        (Some("slow"), Some(ms)) => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            (StatusCode::OK, full("slow done".to_owned()))
+        }
+        (Some("status"), Some(code)) => (
+            StatusCode::from_u16(code.parse().unwrap_or(500))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            full(String::new()),
+        ),
+        _ => (StatusCode::OK, full(format!("hello from {name}"))),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert("x-app", name.parse().unwrap());
+    if let Ok(v) = seen_host.parse() {
+        headers.insert("x-seen-host", v);
+    }
+    if let Ok(v) = seen_headers.parse() {
+        headers.insert("x-seen-headers", v);
+    }
+    Ok(response)
+}
+
+fn full(text: String) -> AppBody {
+    Full::new(Bytes::from(text)).boxed()
+}
+
+/// Echoes every WebSocket message back.
+pub fn websocket_app(listener: TcpListener) -> App {
+    spawn_accept(listener, |stream| async move {
+        let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+            return;
+        };
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+            if ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Echoes bytes until the client closes.
+pub fn tcp_echo_app(listener: TcpListener) -> App {
+    spawn_accept(listener, |mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+}
+
+/// The greeting a server-first app sends as soon as a client connects.
+pub const BANNER: &[u8] = b"220 trellis-test ready\r\n";
+
+/// Speaks first, like SMTP or MySQL: sends [`BANNER`], then echoes.
+pub fn banner_app(listener: TcpListener) -> App {
+    spawn_accept(listener, |mut stream| async move {
+        if stream.write_all(BANNER).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+struct EchoService;
+
+type ReplyStream = Pin<Box<dyn futures_util::Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, Status> {
+        Ok(tonic::Response::new(EchoReply {
+            message: request.into_inner().message,
+            index: 0,
+        }))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<StreamRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, Status> {
+        let request = request.into_inner();
+        let message = request.message.clone();
+        let replies = (0..request.count).map(move |index| {
+            Ok(EchoReply {
+                message: message.clone(),
+                index,
+            })
+        });
+        let end = (!request.fail_with.is_empty())
+            .then(|| Err(Status::failed_precondition(request.fail_with)));
+        let stream = futures_util::stream::iter(replies.chain(end));
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// The gRPC Echo service.
+pub fn grpc_app(listener: TcpListener) -> App {
+    App(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(incoming)
+            .await;
+    }))
+}

@@ -1,0 +1,119 @@
+//! Two pods with sidecars and the apps the tests call, ready to use.
+
+use crate::{
+    apps::{self, App},
+    netns::{Network, Pod},
+    sidecar::{Options, Sidecar},
+};
+use std::net::SocketAddr;
+
+pub const HTTP: u16 = 8080;
+pub const GRPC: u16 = 50051;
+pub const WS: u16 = 7070;
+pub const ECHO: u16 = 7000;
+/// MySQL's port: opaque by default, so no detection.
+pub const BANNER_OPAQUE: u16 = 3306;
+/// Not an opaque port: detection runs and must give up on the silent client.
+pub const BANNER_DETECTED: u16 = 2525;
+
+/// Two pods with sidecars; fields drop in order, so processes stop before the
+/// namespaces go.
+pub struct Mesh {
+    pub client: Sidecar,
+    pub server: Sidecar,
+    _apps: Vec<App>,
+    pub net: Network,
+}
+
+impl Mesh {
+    /// Both sidecars with these `run` flags and no config.
+    pub async fn start(client_run_args: &[&str], server_run_args: &[&str]) -> Mesh {
+        Mesh::start_with_config(client_run_args, server_run_args, None).await
+    }
+
+    pub async fn start_with_config(
+        client_run_args: &[&str],
+        server_run_args: &[&str],
+        config: Option<&str>,
+    ) -> Mesh {
+        let net = Network::new(2);
+        let server_pod = net.pod(1).clone();
+        let apps = vec![
+            apps::http_app(server_pod.listen(HTTP), "server"),
+            apps::http_app(server_pod.listen(HTTP + 1), "server-b"),
+            apps::grpc_app(server_pod.listen(GRPC)),
+            apps::websocket_app(server_pod.listen(WS)),
+            apps::tcp_echo_app(server_pod.listen(ECHO)),
+            apps::banner_app(server_pod.listen(BANNER_OPAQUE)),
+            apps::banner_app(server_pod.listen(BANNER_DETECTED)),
+        ];
+        let server = Sidecar::start(
+            &server_pod,
+            Options {
+                run_args: server_run_args,
+                ..Default::default()
+            },
+        )
+        .await;
+        let client = Sidecar::start(
+            net.pod(0),
+            Options {
+                run_args: client_run_args,
+                config,
+                ..Default::default()
+            },
+        )
+        .await;
+        Mesh {
+            client,
+            server,
+            _apps: apps,
+            net,
+        }
+    }
+
+    pub fn client_pod(&self) -> &Pod {
+        self.net.pod(0)
+    }
+
+    pub fn server_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.net.pod(1).ip, port))
+    }
+
+    /// Requests each sidecar counted for `protocol`: (client outbound, server inbound).
+    pub async fn hops(&self, protocol: &str, code: &str) -> (f64, f64) {
+        let client = self.client.metrics().await.sum(
+            "trellis_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("protocol", protocol),
+                ("code", code),
+            ],
+        );
+        let server = self.server.metrics().await.sum(
+            "trellis_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("protocol", protocol),
+                ("code", code),
+            ],
+        );
+        (client, server)
+    }
+
+    /// Opaque connections each sidecar proxied: (client outbound, server inbound).
+    pub async fn opaque_hops(&self) -> (f64, f64) {
+        let labels = |direction| [("direction", direction), ("protocol", "opaque")];
+        let client = self
+            .client
+            .metrics()
+            .await
+            .sum("trellis_tcp_connections_total", &labels("outbound"));
+        let server = self
+            .server
+            .metrics()
+            .await
+            .sum("trellis_tcp_connections_total", &labels("inbound"));
+        (client, server)
+    }
+}

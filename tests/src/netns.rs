@@ -1,0 +1,241 @@
+//! Pods as network namespaces: each pod gets an `eth0` on a bridge of its own test
+//! network, an address in 198.18.0.0/24, loopback and a default route, as a pod has.
+//!
+//! Names carry the process id and a counter, so tests run in parallel; dropping the
+//! [`Network`] deletes every namespace it made (and with them their veths and
+//! iptables rules), also when a test fails.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Fails the test with a clear message when the machine cannot host pods.
+pub fn require_root_and_tools() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces and iptables rules: run them as root"
+    );
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
+        ("setpriv", "util-linux"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "`{tool}` is missing: install it with `apt-get install -y {package}` (scripts/test does)"
+        );
+    }
+}
+
+/// Runs a command and fails the test with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+static NEXT_NETWORK: AtomicUsize = AtomicUsize::new(0);
+
+/// A bridge and the pods attached to it.
+pub struct Network {
+    switch: String,
+    pods: Vec<Pod>,
+    prefix: String,
+}
+
+/// One pod: a network namespace with an address.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Network {
+    /// Creates a network with `pods` pods at 198.18.0.2, 198.18.0.3, ...
+    pub fn new(pods: usize) -> Network {
+        require_root_and_tools();
+        let prefix = format!(
+            "trellis-{}-{}",
+            std::process::id(),
+            NEXT_NETWORK.fetch_add(1, Ordering::Relaxed)
+        );
+        let switch = format!("{prefix}-sw");
+        let mut network = Network {
+            switch: switch.clone(),
+            pods: Vec::new(),
+            prefix: prefix.clone(),
+        };
+        run("ip", &["netns", "add", &switch]);
+        run(
+            "ip",
+            &["-n", &switch, "link", "add", "br0", "type", "bridge"],
+        );
+        run("ip", &["-n", &switch, "link", "set", "br0", "up"]);
+        for i in 0..pods {
+            let netns = format!("{prefix}-p{i}");
+            let ip = Ipv4Addr::new(198, 18, 0, 2 + i as u8);
+            run("ip", &["netns", "add", &netns]);
+            network.pods.push(Pod {
+                netns: netns.clone(),
+                ip,
+            });
+            let port = format!("port{i}");
+            run(
+                "ip",
+                &[
+                    "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port,
+                    "netns", &switch,
+                ],
+            );
+            run(
+                "ip",
+                &["-n", &switch, "link", "set", &port, "master", "br0", "up"],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{ip}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+            run("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+            // A pod has a default route; without one, a connect to an address off the
+            // pod network fails before iptables can redirect it.
+            run(
+                "ip",
+                &["-n", &netns, "route", "add", "default", "dev", "eth0"],
+            );
+        }
+        network
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    /// The name prefix of everything this network created.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for pod in &self.pods {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &pod.netns])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.switch])
+            .status();
+    }
+}
+
+impl Pod {
+    /// Runs `f` on a fresh thread that has entered this pod's network namespace.
+    /// Sockets made there stay in the pod and can be used from any thread.
+    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let path = format!("/run/netns/{}", self.netns);
+                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                    // SAFETY: a valid namespace fd; only this short-lived thread moves.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(
+                        rc,
+                        0,
+                        "setns into {}: {}",
+                        self.netns,
+                        std::io::Error::last_os_error()
+                    );
+                    f()
+                })
+                .join()
+                .expect("thread inside the pod panicked")
+        })
+    }
+
+    /// A listener bound inside the pod, for the pod's application.
+    pub fn listen(&self, port: u16) -> TcpListener {
+        let std = self.within(|| {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))
+                .unwrap_or_else(|e| panic!("bind port {port} in {}: {e}", self.netns));
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        TcpListener::from_std(std).expect("register listener with tokio")
+    }
+
+    /// An unconnected socket inside the pod: what an application in the pod dials with.
+    pub fn socket(&self) -> TcpSocket {
+        let std = self.within(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_nonblocking(true).unwrap();
+            std::net::TcpStream::from(s)
+        });
+        TcpSocket::from_std_stream(std)
+    }
+
+    /// Connects from inside the pod, as its application would.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let stream = self.socket().connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// `ip netns exec <pod> program args...`
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, program]);
+        command
+    }
+
+    /// The pod's nat table as `iptables-save` prints it, without comments and
+    /// packet counters, so two dumps compare equal when the rules are equal.
+    pub fn nat_rules(&self) -> String {
+        let output = self
+            .command("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .expect("run iptables-save");
+        assert!(output.status.success(), "iptables-save failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.find(" [") {
+                Some(i) if l.starts_with(':') => &l[..i],
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

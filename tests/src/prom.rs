@@ -1,0 +1,80 @@
+//! Reads Prometheus text exposition, enough to check what a proxy counted.
+
+/// One scrape: `(name, labels, value)` for every sample.
+pub struct Metrics(Vec<(String, Vec<(String, String)>, f64)>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, Vec::new()),
+            };
+            samples.push((name.to_owned(), labels, value));
+        }
+        Metrics(samples)
+    }
+
+    /// The sum of every sample of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Every label set of `name`, for assertions about what labels exist.
+    pub fn label_sets(&self, name: &str) -> Vec<&[(String, String)]> {
+        self.0
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, l, _)| l.as_slice())
+            .collect()
+    }
+}
+
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let Some(end) = after.find('"') else { break };
+        labels.push((
+            key.trim_start_matches(',').to_owned(),
+            after[..end].to_owned(),
+        ));
+        rest = &after[end + 1..];
+    }
+    labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_matching_samples() {
+        let m = Metrics::parse(
+            "# TYPE x counter\nx{a=\"1\",b=\"2\"} 3\nx{a=\"1\",b=\"3\"} 4\nx{a=\"2\"} 10\ny 1\n",
+        );
+        assert_eq!(m.sum("x", &[("a", "1")]), 7.0);
+        assert_eq!(m.sum("x", &[]), 17.0);
+        assert_eq!(m.sum("y", &[]), 1.0);
+        assert_eq!(m.sum("x", &[("b", "9")]), 0.0);
+    }
+}

@@ -1,0 +1,202 @@
+//! A Trellis sidecar in a pod: `trellis-proxy init` writes the pod's iptables rules,
+//! then `trellis-proxy run` starts as uid 1337, as the injector will arrange.
+
+use crate::{http::get, netns::Pod, prom::Metrics, TempDir};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+pub const PROXY_UID: &str = "1337";
+pub const ADMIN: &str = "127.0.0.1:15020";
+
+/// The `trellis-proxy` binary the build made.
+pub fn proxy_bin() -> PathBuf {
+    let built = std::env::var_os("TRELLIS_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/<profile>/deps/<test> -> target/<profile>/trellis-proxy
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut dir = exe.parent().expect("exe dir").to_path_buf();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir.join("trellis-proxy")
+        });
+    assert!(
+        built.exists(),
+        "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
+        built.display()
+    );
+    built
+}
+
+/// The binary as uid 1337 can run it: in place when every directory above it is
+/// open to others, else a copy made once per test process (the build tree may sit
+/// where only root can enter).
+pub fn proxy_bin_for_uid() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let built = proxy_bin();
+        let open_to_others = built.ancestors().skip(1).all(|dir| {
+            dir.metadata()
+                .map(|m| m.permissions().mode() & 0o001 != 0)
+                .unwrap_or(false)
+        });
+        if open_to_others {
+            return built;
+        }
+        let dir = std::env::temp_dir().join(format!("trellis-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod bin dir");
+        let copy = dir.join("trellis-proxy");
+        std::fs::copy(&built, &copy).expect("copy trellis-proxy");
+        copy
+    })
+}
+
+/// A running sidecar; dropping it kills the proxy.
+pub struct Sidecar {
+    pub pod: Pod,
+    child: Child,
+    dir: TempDir,
+}
+
+/// What to start a sidecar with.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// YAML for `--config`.
+    pub config: Option<&'a str>,
+    /// Extra `trellis-proxy init` flags.
+    pub init_args: &'a [&'a str],
+    /// Extra `trellis-proxy run` flags.
+    pub run_args: &'a [&'a str],
+}
+
+impl Sidecar {
+    /// Writes the pod's rules, starts the proxy as uid 1337 and waits until `/ready`.
+    pub async fn start(pod: &Pod, options: Options<'_>) -> Sidecar {
+        let bin = proxy_bin_for_uid();
+        let init = pod
+            .command(bin.to_str().unwrap())
+            .arg("init")
+            .args(options.init_args)
+            .output()
+            .expect("run trellis-proxy init");
+        assert!(
+            init.status.success(),
+            "trellis-proxy init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let dir = TempDir::new("sidecar");
+        let log = std::fs::File::create(dir.0.join("proxy.log")).expect("create log");
+        let mut command = pod.command("setpriv");
+        command.args([
+            "--reuid",
+            PROXY_UID,
+            "--regid",
+            PROXY_UID,
+            "--clear-groups",
+            "--",
+        ]);
+        command.arg(bin).arg("run").args(options.run_args);
+        if let Some(config) = options.config {
+            let path = dir.0.join("config.yaml");
+            std::fs::write(&path, config).expect("write config");
+            command.arg("--config").arg(&path);
+        }
+        command.env("RUST_LOG", "info");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn trellis-proxy run");
+        let mut sidecar = Sidecar {
+            pod: pod.clone(),
+            child,
+            dir,
+        };
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "trellis-proxy exited before it was ready ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if let Ok((status, _, _)) = get(&self.pod, admin(), "/ready").await {
+                if status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trellis-proxy not ready after 20 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The proxy's metrics, scraped from its admin port.
+    pub async fn metrics(&self) -> Metrics {
+        let (status, _, body) = get(&self.pod, admin(), "/metrics")
+            .await
+            .expect("scrape /metrics");
+        assert_eq!(status, 200);
+        Metrics::parse(&String::from_utf8_lossy(&body))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+    }
+
+    /// Waits (bounded) for the proxy to exit and returns how it exited.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trellis-proxy still running {limit:?} after shutdown:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn admin() -> SocketAddr {
+    ADMIN.parse().unwrap()
+}

@@ -1,0 +1,107 @@
+//! The admin port and the proxy's command line, as an operator meets them.
+
+use std::net::SocketAddr;
+use trellis_tests::{
+    http::{get, get_with_host},
+    netns::Network,
+    sidecar::{admin, proxy_bin, Options, Sidecar},
+    TempDir,
+};
+
+#[tokio::test]
+async fn admin_endpoints_answer() {
+    let net = Network::new(1);
+    let _sidecar = Sidecar::start(net.pod(0), Options::default()).await;
+    let pod = net.pod(0);
+
+    let (status, _, body) = get(pod, admin(), "/live").await.unwrap();
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"live\n"[..]));
+    let (status, _, _) = get(pod, admin(), "/ready").await.unwrap();
+    assert_eq!(status, 200);
+
+    let (status, headers, body) = get(pod, admin(), "/config_dump").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/json");
+    let dump = String::from_utf8_lossy(&body);
+    assert!(
+        dump.contains("\"services\": []"),
+        "no config means passthrough: {dump}"
+    );
+    assert!(dump.contains("\"opaquePorts\""), "{dump}");
+
+    let (status, _, _) = get(pod, admin(), "/nope").await.unwrap();
+    assert_eq!(status, 404);
+    let (status, _, _) = get(pod, admin(), "/shutdown").await.unwrap();
+    assert_eq!(status, 405, "shutdown only on POST");
+
+    let (_, headers, _) = get(pod, admin(), "/metrics").await.unwrap();
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+}
+
+#[tokio::test]
+async fn a_client_dialling_the_proxy_itself_gets_404_no_route() {
+    let net = Network::new(1);
+    let sidecar = Sidecar::start(net.pod(0), Options::default()).await;
+    let outbound: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+    let (status, headers, _) = get_with_host(net.pod(0), outbound, "/", "unknown.default:80")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(headers["x-trellis-flags"], "NR");
+    let counted = sidecar.metrics().await.sum(
+        "trellis_requests_total",
+        &[("code", "404"), ("flags", "NR")],
+    );
+    assert_eq!(counted, 1.0);
+}
+
+#[test]
+fn a_malformed_config_stops_start_up_naming_file_line_and_field() {
+    let dir = TempDir::new("config");
+    let path = dir.0.join("mesh.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  - name: reviews\n    port: 8080\n    endpoints:\n      - address: not-an-address\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(proxy_bin())
+        .args([
+            "run",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!("{}:5:", path.display());
+    assert!(stderr.contains(&expected), "names file and line: {stderr}");
+    assert!(
+        stderr.contains("services[0].endpoints[0].address"),
+        "names the field: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let output = std::process::Command::new(proxy_bin())
+        .args(["run", "--config", "/nonexistent/trellis.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/trellis.yaml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}
