@@ -244,9 +244,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(connection) = headers.remove(header::CONNECTION) {
         if let Ok(names) = connection.to_str() {
             for name in names.split(',').map(str::trim) {
-                if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade"))
-                    && !name.eq_ignore_ascii_case("te")
-                {
+                // TE is judged on its own below; an upgrade keeps its Upgrade header.
+                let kept = name.eq_ignore_ascii_case("te")
+                    || (keep_upgrade && name.eq_ignore_ascii_case("upgrade"));
+                if !kept {
                     headers.remove(name);
                 }
             }

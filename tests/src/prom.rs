@@ -1,7 +1,10 @@
 //! Reads Prometheus text exposition, enough to check what a proxy counted.
 
+/// A sample's labels, in the order the exporter wrote them.
+pub type Labels = Vec<(String, String)>;
+
 /// One scrape: `(name, labels, value)` for every sample.
-pub struct Metrics(Vec<(String, Vec<(String, String)>, f64)>);
+pub struct Metrics(Vec<(String, Labels, f64)>);
 
 impl Metrics {
     pub fn parse(text: &str) -> Metrics {
@@ -36,7 +39,8 @@ impl Metrics {
                         .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
             })
             .map(|(_, _, v)| v)
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty f64 sum is -0.0; print it as 0
     }
 
     /// Every label set of `name`, for assertions about what labels exist.
@@ -49,7 +53,7 @@ impl Metrics {
     }
 }
 
-fn parse_labels(text: &str) -> Vec<(String, String)> {
+fn parse_labels(text: &str) -> Labels {
     let mut labels = Vec::new();
     let mut rest = text;
     while let Some((key, after)) = rest.split_once("=\"") {

@@ -1,0 +1,230 @@
+//! The load harness behind `benches/run`: the same HTTP/1.1 app called directly,
+//! through one sidecar (client pod outbound) and through two (client outbound, then
+//! server inbound), each in fresh pods with real iptables rules.
+//!
+//! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
+//! For each setup: latency at a fixed rate (with oha's coordinated-omission
+//! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+use trellis_tests::{
+    apps,
+    netns::{Network, Pod},
+    sidecar::{Options, Sidecar},
+};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Pins every thread of `pid` to one CPU.
+fn pin(pid: i32, cpu: usize) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+    for task in tasks.flatten() {
+        let tid: i32 = task.file_name().to_string_lossy().parse().unwrap();
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// User plus system CPU time of a process, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name (which may hold spaces) start past ") ".
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+struct Load {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    rps: f64,
+    success: f64,
+}
+
+/// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
+fn oha(pod: &Pod, target: SocketAddr, args: &[&str]) -> Load {
+    let output = pod
+        .command("taskset")
+        .args(["-c", "1", "oha", "--no-tui", "--output-format", "json"])
+        .args(args)
+        .arg(format!("http://{target}/"))
+        .output()
+        .expect("run oha (benches/run installs it)");
+    assert!(
+        output.status.success(),
+        "oha failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("oha JSON");
+    let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
+    Load {
+        p50_ms: ms(&json["latencyPercentiles"]["p50"]),
+        p99_ms: ms(&json["latencyPercentiles"]["p99"]),
+        max_ms: ms(&json["summary"]["slowest"]),
+        rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        success: json["summary"]["successRate"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// The app, on its own thread pinned to CPU 0, until the process ends.
+fn start_app(pod: &Pod) {
+    let pod = pod.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: pinning this thread (pid 0 = caller).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let _app = apps::http_app(pod.listen(8080), "bench");
+            ready_tx.send(()).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    ready_rx.recv().expect("app started");
+}
+
+struct Row {
+    setup: &'static str,
+    fixed: Load,
+    max: Load,
+    cpu_per_1000: Vec<f64>,
+    rss_idle: Vec<f64>,
+    rss_load: Vec<f64>,
+}
+
+async fn measure(setup: &'static str, sidecars_at: &[usize], rate: u64, seconds: u64) -> Row {
+    let net = Network::new(2);
+    start_app(net.pod(1));
+    let mut sidecars = Vec::new();
+    for &i in sidecars_at {
+        let sidecar = Sidecar::start(net.pod(i), Options::default()).await;
+        pin(sidecar.pid(), 0);
+        sidecars.push(sidecar);
+    }
+    let target = SocketAddr::from((net.pod(1).ip, 8080));
+    let client = net.pod(0).clone();
+    let duration = format!("{seconds}s");
+
+    // Warm up connections and pools, then let RSS settle.
+    let warm = client.clone();
+    tokio::task::spawn_blocking(move || oha(&warm, target, &["-z", "2s", "-q", "500", "-c", "8"]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
+
+    let cpu_before: Vec<f64> = sidecars.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let (c, d, r) = (client.clone(), duration.clone(), rate.to_string());
+    let fixed = tokio::task::spawn_blocking(move || {
+        oha(
+            &c,
+            target,
+            &["-z", &d, "-q", &r, "-c", "8", "--latency-correction"],
+        )
+    })
+    .await
+    .unwrap();
+    let cpu_per_1000 = sidecars
+        .iter()
+        .zip(cpu_before)
+        .map(|(s, before)| (cpu_seconds(s.pid()) - before) / seconds as f64 / (fixed.rps / 1000.0))
+        .collect();
+    let rss_load = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
+
+    let (c, d) = (client.clone(), duration.clone());
+    let max = tokio::task::spawn_blocking(move || oha(&c, target, &["-z", &d, "-c", "32"]))
+        .await
+        .unwrap();
+    drop(sidecars);
+    Row {
+        setup,
+        fixed,
+        max,
+        cpu_per_1000,
+        rss_idle,
+        rss_load,
+    }
+}
+
+fn list(values: &[f64], precision: usize) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    values
+        .iter()
+        .map(|v| format!("{v:.precision$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let rate = env_or("BENCH_RATE", 1000);
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let proxy_version = Command::new(trellis_tests::sidecar::proxy_bin())
+        .arg("--version")
+        .output();
+    println!(
+        "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
+        proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    );
+    let mut rows = Vec::new();
+    for (setup, sidecars) in [
+        ("direct", &[][..]),
+        ("one sidecar", &[0][..]),
+        ("two sidecars", &[0, 1][..]),
+    ] {
+        eprintln!("measuring {setup} ...");
+        rows.push(measure(setup, sidecars, rate, seconds).await);
+    }
+    let direct = (rows[0].fixed.p50_ms, rows[0].fixed.p99_ms);
+    println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {} | {} |",
+            row.setup,
+            row.fixed.p50_ms,
+            row.fixed.p99_ms,
+            row.fixed.max_ms,
+            row.fixed.p50_ms - direct.0,
+            row.fixed.p99_ms - direct.1,
+            row.fixed.success.min(row.max.success),
+            row.max.rps,
+            list(&row.cpu_per_1000, 3),
+            list(&row.rss_idle, 1),
+            list(&row.rss_load, 1),
+        );
+    }
+}
