@@ -96,8 +96,8 @@ impl Config {
             ConfigError {
                 file: file.to_owned(),
                 location: inner.location().map(|l| (l.line(), l.column())),
+                message: bare_message(&inner.to_string(), &path),
                 path,
-                message: strip_location(&inner.to_string()),
             }
         })?;
         config.validate().map_err(|(path, message)| ConfigError {
@@ -140,12 +140,18 @@ impl Config {
     }
 }
 
-/// serde_yaml_ng appends " at line L column C" to its messages; the location is
-/// reported separately, so drop it from the message.
-fn strip_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
+/// serde_yaml_ng's message repeats the location (" at line L column C") and often
+/// the path ("services[0]: ..."); both are reported separately, so keep the rest.
+fn bare_message(message: &str, path: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    match message.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => {
+            rest.to_owned()
+        }
+        _ => message.to_owned(),
     }
 }
 
@@ -199,7 +205,10 @@ mod tests {
             text.starts_with("mesh.yaml:5:"),
             "error should lead with file and line: {text}"
         );
-        assert!(text.contains("services[0].endpoints[0].address"), "{text}");
+        assert_eq!(
+            text,
+            "mesh.yaml:5:18: services[0].endpoints[0].address: invalid socket address syntax"
+        );
     }
 
     #[test]

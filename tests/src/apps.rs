@@ -174,6 +174,16 @@ pub fn tcp_echo_app(listener: TcpListener) -> App {
     })
 }
 
+/// Reads the start of a request, then resets the connection without answering.
+pub fn reset_app(listener: TcpListener) -> App {
+    spawn_accept(listener, |mut stream| async move {
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf).await;
+        // Linger 0: close sends RST instead of FIN.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    })
+}
+
 /// The greeting a server-first app sends as soon as a client connects.
 pub const BANNER: &[u8] = b"220 trellis-test ready\r\n";
 

@@ -15,6 +15,8 @@ pub const ECHO: u16 = 7000;
 pub const BANNER_OPAQUE: u16 = 3306;
 /// Not an opaque port: detection runs and must give up on the silent client.
 pub const BANNER_DETECTED: u16 = 2525;
+/// Resets every connection after reading the request.
+pub const RESET: u16 = 8090;
 
 /// Two pods with sidecars; fields drop in order, so processes stop before the
 /// namespaces go.
@@ -46,6 +48,7 @@ impl Mesh {
             apps::tcp_echo_app(server_pod.listen(ECHO)),
             apps::banner_app(server_pod.listen(BANNER_OPAQUE)),
             apps::banner_app(server_pod.listen(BANNER_DETECTED)),
+            apps::reset_app(server_pod.listen(RESET)),
         ];
         let server = Sidecar::start(
             &server_pod,

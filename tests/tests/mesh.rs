@@ -18,7 +18,7 @@ use trellis_tests::{
     apps::{self, pattern},
     grpc::echo_client,
     http::{collect, get, get_with_host, h2_client, send_h1},
-    mesh::{Mesh, BANNER_DETECTED, BANNER_OPAQUE, ECHO, GRPC, HTTP, WS},
+    mesh::{Mesh, BANNER_DETECTED, BANNER_OPAQUE, ECHO, GRPC, HTTP, RESET, WS},
     proto::{EchoRequest, StreamRequest},
 };
 
@@ -420,6 +420,24 @@ async fn upstream_connect_failure_is_a_503_flagged_uf() {
         "{}",
         mesh.server.log()
     );
+}
+
+#[tokio::test]
+async fn upstream_reset_is_a_502_flagged_uc() {
+    let mesh = Mesh::start(&[], &[]).await;
+    let (status, headers, _) = get(mesh.client_pod(), mesh.server_addr(RESET), "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-trellis-flags"], "UC");
+    let counted = mesh.server.metrics().await.sum(
+        "trellis_requests_total",
+        &[("direction", "inbound"), ("code", "502"), ("flags", "UC")],
+    );
+    assert_eq!(counted, 1.0);
+    // The client sidecar passed the answer on as it came.
+    let (client, _) = mesh.hops("http1", "502").await;
+    assert_eq!(client, 1.0);
 }
 
 #[tokio::test]
