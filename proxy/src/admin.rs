@@ -113,7 +113,7 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> 
             let table = state.table.load();
             let dump = serde_json::json!({
                 "settings": &*state.settings,
-                "config": &table.config,
+                "config": table.effective(),
             });
             let mut response = text(
                 StatusCode::OK,

@@ -1,29 +1,27 @@
-//! The L7 proxy: one hyper service per accepted connection, forwarding each request
-//! to a named service's endpoint or to the connection's original destination over
-//! the pooled upstream connections, in the protocol the client spoke.
+//! The L7 proxy: one hyper service per accepted connection. Outbound, a request
+//! whose authority names a configured service takes one of its routes and runs
+//! through that route's policy stack ([`crate::stack`]); everything else goes
+//! straight to the connection's original destination. Either way it travels on the
+//! pooled upstream connections, in the protocol the client spoke.
 
 use crate::{
+    body::{RequestBody, ResponseBody},
     detect::Protocol,
     metrics::{status_label, Direction, REQUESTS_TOTAL, REQUEST_DURATION},
-    pool::{Lease, Pool, UpstreamError},
+    pool::{Pool, UpstreamError},
+    stack::{self, ClientAddr, Failure, Flags, Outcome, Req, Rsp},
     table::SharedTable,
 };
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::{
-    convert::Infallible,
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Instant,
+    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant,
 };
 
-/// Response header naming why the proxy, not the upstream, produced a response.
+/// Response header naming why the proxy, not the upstream, produced or changed a
+/// response.
 pub const FLAGS_HEADER: &str = "x-trellis-flags";
 /// Response header with the detail behind the flags, for whoever reads the response.
 pub const ERROR_HEADER: &str = "x-trellis-error";
@@ -33,6 +31,8 @@ pub struct Shared {
     pub direction: Direction,
     pub table: SharedTable,
     pub pool: Arc<Pool>,
+    /// One structured log line per request (`--access-log`).
+    pub access_log: bool,
 }
 
 /// The hyper service for one downstream connection.
@@ -42,14 +42,21 @@ pub struct HttpProxy {
     /// Where the client meant to connect (SO_ORIGINAL_DST); `None` when it dialled
     /// the proxy directly.
     original_dst: Option<SocketAddr>,
+    client: SocketAddr,
     protocol: Protocol,
 }
 
 impl HttpProxy {
-    pub fn new(shared: Arc<Shared>, original_dst: Option<SocketAddr>, protocol: Protocol) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        original_dst: Option<SocketAddr>,
+        client: SocketAddr,
+        protocol: Protocol,
+    ) -> Self {
         HttpProxy {
             shared,
             original_dst,
+            client,
             protocol,
         }
     }
@@ -65,144 +72,186 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
     }
 }
 
-/// Where one request goes and what to call it in metrics.
-struct Destination {
-    addr: SocketAddr,
+/// The bounded labels a request is counted under.
+#[derive(Default)]
+struct Labels {
     service: Option<Arc<str>>,
+    route: Option<Arc<str>>,
 }
 
 impl HttpProxy {
     async fn proxy(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
-        let destination = match self.destination(&req) {
-            Ok(destination) => destination,
-            Err((status, flags, message)) => {
-                let response = proxy_error(status, flags, &message);
-                self.record(None, &response, flags, start);
-                return Ok(response);
+        let mut labels = Labels::default();
+        let log = self
+            .shared
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
+        let req = req.map(RequestBody::Incoming);
+        let result = self.dispatch(req, &mut labels).await;
+        let (mut response, flags, backend) = match result {
+            Ok(mut response) => {
+                let outcome = response
+                    .extensions_mut()
+                    .remove::<Outcome>()
+                    .unwrap_or_default();
+                (response, outcome.flags, outcome.backend)
+            }
+            Err(failure) => {
+                if failure.kind != stack::FailureKind::Local {
+                    tracing::warn!(
+                        direction = self.shared.direction.label(),
+                        service = labels.service.as_deref().unwrap_or(""),
+                        error = %failure.message,
+                        flags = failure.flags.label(),
+                        "upstream request failed"
+                    );
+                }
+                let backend = failure.backend.clone();
+                (proxy_error(&failure), failure.flags, backend)
             }
         };
-        let (response, flags) = match self.forward(destination.addr, req).await {
-            Ok(response) => (response, ""),
-            Err(error) => {
-                let (status, flags) = if error.is_connect() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "UF")
-                } else {
-                    (StatusCode::BAD_GATEWAY, "UC")
-                };
-                tracing::warn!(
-                    direction = self.shared.direction.label(),
-                    service = destination.service.as_deref().unwrap_or(""),
-                    %error,
-                    flags,
-                    "upstream request failed"
-                );
-                (proxy_error(status, flags, &error.to_string()), flags)
-            }
-        };
-        self.record(destination.service, &response, flags, start);
+        if !flags.is_empty() {
+            response
+                .headers_mut()
+                .insert(FLAGS_HEADER, HeaderValue::from_static(flags.label()));
+        }
+        self.record(&labels, backend.as_ref(), &response, flags, start);
+        if let Some((method, path)) = log {
+            tracing::info!(
+                target: "access",
+                direction = self.shared.direction.label(),
+                protocol = self.protocol.label(),
+                client = %self.client,
+                method = %method,
+                path,
+                service = labels.service.as_deref().unwrap_or(""),
+                route = labels.route.as_deref().unwrap_or(""),
+                backend = backend.as_deref().unwrap_or(""),
+                status = response.status().as_u16(),
+                flags = flags.label(),
+                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
         Ok(response)
     }
 
-    /// A named service when the authority names one (outbound only), else the
-    /// original destination.
-    fn destination(
-        &self,
-        req: &Request<Incoming>,
-    ) -> Result<Destination, (StatusCode, &'static str, String)> {
+    /// Outbound to a named service: its route's stack. Otherwise the original
+    /// destination, after the inbound port's rate limit.
+    async fn dispatch(&self, mut req: Req, labels: &mut Labels) -> Result<Rsp, Failure> {
+        let table = self.shared.table.load_full();
         if self.shared.direction == Direction::Outbound {
-            let table = self.shared.table.load();
-            if let Some(target) = authority(req).and_then(|a| table.lookup(a)) {
-                return match target.pick() {
-                    Some(addr) => Ok(Destination {
-                        addr,
-                        service: Some(target.label.clone()),
-                    }),
-                    None => Err((
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UH",
-                        format!("service {} has no endpoints", target.label),
-                    )),
+            if let Some(target) = authority(&req).and_then(|a| table.lookup(a)) {
+                labels.service = Some(target.label.clone());
+                let Some(route) = target.route(&req) else {
+                    return Err(Failure::local(
+                        StatusCode::NOT_FOUND,
+                        Flags::NR,
+                        format!("no route of {} matches the request", target.label),
+                    ));
                 };
+                labels.route = Some(route.name.clone());
+                if route.needs_client_addr {
+                    req.extensions_mut().insert(ClientAddr(self.client));
+                }
+                return stack::call(&route.stack, req).await;
             }
         }
-        match self.original_dst {
-            Some(addr) => Ok(Destination {
-                addr,
-                service: None,
-            }),
-            None => Err((
+        let Some(addr) = self.original_dst else {
+            return Err(Failure::local(
                 StatusCode::NOT_FOUND,
-                "NR",
-                "no original destination and no service named by the request's authority"
-                    .to_owned(),
-            )),
-        }
-    }
-
-    async fn forward(
-        &self,
-        addr: SocketAddr,
-        mut req: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, UpstreamError> {
-        if self.protocol == Protocol::Http2 {
-            strip_hop_by_hop(req.headers_mut(), false);
-            let mut response = self.shared.pool.send_h2(addr, req).await?;
-            strip_hop_by_hop(response.headers_mut(), false);
-            return Ok(response.map(|body| ResponseBody::Upstream { body, lease: None }));
-        }
-
-        let upgrade = is_upgrade(req.headers());
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        let (mut response, lease) = self.shared.pool.send_h1(addr, req).await?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(downstream) = downstream_upgrade {
-                strip_hop_by_hop(response.headers_mut(), true);
-                splice_upgrade(downstream, hyper::upgrade::on(&mut response));
-                // The upstream connection now belongs to the upgraded stream.
-                drop(lease);
-                return Ok(response.map(|_| ResponseBody::empty()));
+                Flags::NR,
+                "no original destination and no service named by the request's authority",
+            ));
+        };
+        if self.shared.direction == Direction::Inbound {
+            if let Some(limit) = table.inbound_limit(addr.port()) {
+                if !limit.try_acquire(None) {
+                    metrics::counter!("trellis_ratelimited_total").increment(1);
+                    return Err(Failure::local(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Flags::RL,
+                        "rate limit exceeded",
+                    ));
+                }
             }
         }
-        strip_hop_by_hop(response.headers_mut(), false);
-        Ok(response.map(|body| ResponseBody::Upstream {
-            body,
-            lease: Some(lease),
-        }))
+        forward(&self.shared.pool, addr, req)
+            .await
+            .map_err(|error| Failure::upstream(&error, None, addr))
     }
 
     fn record(
         &self,
-        service: Option<Arc<str>>,
-        response: &Response<ResponseBody>,
-        flags: &'static str,
+        labels: &Labels,
+        backend: Option<&Arc<str>>,
+        response: &Rsp,
+        flags: Flags,
         start: Instant,
     ) {
         let direction = self.shared.direction.label();
         let protocol = self.protocol.label();
-        let service = match service {
-            Some(name) => metrics::SharedString::from(name),
+        let label = |value: Option<&Arc<str>>| match value {
+            Some(name) => metrics::SharedString::from(name.clone()),
             None => metrics::SharedString::const_str(""),
         };
+        let service = label(labels.service.as_ref());
+        let route = label(labels.route.as_ref());
         metrics::counter!(REQUESTS_TOTAL,
             "direction" => direction,
             "protocol" => protocol,
             "service" => service.clone(),
+            "route" => route.clone(),
+            "backend" => label(backend),
             "code" => status_label(response.status().as_u16()),
-            "flags" => flags,
+            "flags" => flags.label(),
         )
         .increment(1);
         metrics::histogram!(REQUEST_DURATION,
             "direction" => direction,
             "protocol" => protocol,
             "service" => service,
+            "route" => route,
         )
         .record(start.elapsed().as_secs_f64());
     }
 }
 
-fn authority(req: &Request<Incoming>) -> Option<&str> {
+/// Sends a request to `addr` on a pooled connection of the request's protocol,
+/// splicing the two sides together when the upstream accepts an upgrade.
+pub async fn forward(
+    pool: &Arc<Pool>,
+    addr: SocketAddr,
+    mut req: Req,
+) -> Result<Rsp, UpstreamError> {
+    if req.version() == http::Version::HTTP_2 {
+        strip_hop_by_hop(req.headers_mut(), false);
+        let mut response = pool.send_h2(addr, req).await?;
+        strip_hop_by_hop(response.headers_mut(), false);
+        return Ok(response.map(|body| ResponseBody::Upstream { body, lease: None }));
+    }
+
+    let upgrade = is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let (mut response, lease) = pool.send_h1(addr, req).await?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(downstream) = downstream_upgrade {
+            strip_hop_by_hop(response.headers_mut(), true);
+            splice_upgrade(downstream, hyper::upgrade::on(&mut response));
+            // The upstream connection now belongs to the upgraded stream.
+            drop(lease);
+            return Ok(response.map(|_| ResponseBody::empty()));
+        }
+    }
+    strip_hop_by_hop(response.headers_mut(), false);
+    Ok(response.map(|body| ResponseBody::Upstream {
+        body,
+        lease: Some(lease),
+    }))
+}
+
+fn authority<B>(req: &Request<B>) -> Option<&str> {
     match req.uri().authority() {
         Some(authority) => Some(authority.as_str()),
         None => req.headers().get(header::HOST)?.to_str().ok(),
@@ -269,19 +318,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// A response made by the proxy itself, carrying its flags and the reason.
-pub fn proxy_error(
-    status: StatusCode,
-    flags: &'static str,
-    message: &str,
-) -> Response<ResponseBody> {
+/// The response for a request the proxy answers itself, carrying the reason.
+pub fn proxy_error(failure: &Failure) -> Rsp {
     let mut response = Response::new(ResponseBody::Full(Some(Bytes::from(format!(
-        "{message}\n"
+        "{}\n",
+        failure.message
     )))));
-    *response.status_mut() = status;
+    *response.status_mut() = failure.status;
     let headers = response.headers_mut();
-    headers.insert(FLAGS_HEADER, HeaderValue::from_static(flags));
-    if let Ok(value) = HeaderValue::from_str(message) {
+    if let Ok(value) = HeaderValue::from_str(&failure.message) {
         headers.insert(ERROR_HEADER, value);
     }
     headers.insert(
@@ -289,79 +334,6 @@ pub fn proxy_error(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// The body of a proxied response: the upstream's, streamed frame by frame
-/// (trailers included), or a short one the proxy made.
-pub enum ResponseBody {
-    Upstream {
-        body: Incoming,
-        /// The HTTP/1 connection the body arrives on, returned to the pool once the
-        /// body has been read to its end.
-        lease: Option<Lease>,
-    },
-    Full(Option<Bytes>),
-}
-
-impl ResponseBody {
-    pub fn empty() -> Self {
-        ResponseBody::Full(None)
-    }
-
-    fn release_if_done(&mut self) {
-        if let ResponseBody::Upstream { body, lease } = self {
-            if body.is_end_stream() {
-                if let Some(lease) = lease.take() {
-                    lease.release();
-                }
-            }
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        match this {
-            ResponseBody::Upstream { body, .. } => {
-                let poll = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None) = poll {
-                    this.release_if_done();
-                }
-                poll
-            }
-            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
-            ResponseBody::Full(data) => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Upstream { body, .. } => body.size_hint(),
-            ResponseBody::Full(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // Bodies hyper never polls (HEAD, 204, 304, empty) end here.
-        self.release_if_done();
-    }
 }
 
 #[cfg(test)]
@@ -406,10 +378,10 @@ mod tests {
     }
 
     #[test]
-    fn proxy_errors_carry_flags_and_reason() {
-        let response = proxy_error(StatusCode::SERVICE_UNAVAILABLE, "UF", "connect failed");
+    fn proxy_errors_carry_the_reason() {
+        let failure = Failure::local(StatusCode::SERVICE_UNAVAILABLE, Flags::UH, "no endpoints");
+        let response = proxy_error(&failure);
         assert_eq!(response.status(), 503);
-        assert_eq!(response.headers()[FLAGS_HEADER], "UF");
-        assert_eq!(response.headers()[ERROR_HEADER], "connect failed");
+        assert_eq!(response.headers()[ERROR_HEADER], "no endpoints");
     }
 }

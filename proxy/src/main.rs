@@ -89,6 +89,13 @@ struct RunArgs {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     drain_timeout: Duration,
+    /// How often the config file is checked for changes (a bad new file is refused
+    /// and the running config kept).
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
+    config_poll: Duration,
+    /// Log one structured line per request (target `access`).
+    #[arg(long, env = "TRELLIS_ACCESS_LOG")]
+    access_log: bool,
     /// Ports proxied as opaque TCP without protocol detection (comma list).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_OPAQUE_PORTS)]
     opaque_ports: Vec<u16>,
@@ -170,6 +177,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         detect_timeout: args.detect_timeout,
         connect_timeout: args.connect_timeout,
         drain_timeout: args.drain_timeout,
+        config_poll: args.config_poll,
+        access_log: args.access_log,
         opaque_ports: args.opaque_ports.into_iter().collect::<BTreeSet<_>>(),
     };
     let runtime = if args.threads <= 1 {

@@ -48,7 +48,10 @@ impl Policy {
                 .load_balancer
                 .clone()
                 .or_else(|| self.load_balancer.clone()),
-            rate_limit: narrower.rate_limit.clone().or_else(|| self.rate_limit.clone()),
+            rate_limit: narrower
+                .rate_limit
+                .clone()
+                .or_else(|| self.rate_limit.clone()),
             fault: narrower.fault.clone().or_else(|| self.fault.clone()),
         }
     }
@@ -58,9 +61,17 @@ impl Policy {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Timeouts {
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub request: Option<Duration>,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub per_try: Option<Duration>,
 }
 
@@ -178,8 +189,9 @@ fn default_budget_min() -> u32 {
 pub struct ConnectionPool {
     #[serde(default = "default_limit")]
     pub max_connections: Limit,
-    #[serde(default = "default_limit")]
-    pub max_pending_requests: Limit,
+    /// May be 0: nothing waits, every request over the limit overflows at once.
+    #[serde(default = "default_pending")]
+    pub max_pending_requests: u32,
     #[serde(default = "default_limit")]
     pub max_requests: Limit,
     #[serde(default = "default_max_retries")]
@@ -188,6 +200,10 @@ pub struct ConnectionPool {
 
 fn default_limit() -> Limit {
     Limit(1024)
+}
+
+fn default_pending() -> u32 {
+    1024
 }
 
 fn default_max_retries() -> Limit {

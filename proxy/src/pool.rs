@@ -6,6 +6,7 @@
 //! A request that fails on a reused connection before any of it was written (the
 //! server closed an idle keep-alive connection) is sent again on a fresh one.
 
+use crate::body::RequestBody;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -57,15 +58,15 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 pub struct Pool {
     connect_timeout: Duration,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    h1_idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<RequestBody>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
 }
 
 /// An HTTP/1 connection lent to one request, returned when its response is done.
 pub struct Lease {
     pool: Arc<Pool>,
     addr: SocketAddr,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
 }
 
 impl Lease {
@@ -111,7 +112,7 @@ impl Pool {
     }
 
     /// Takes an idle HTTP/1 connection that is still usable, if there is one.
-    async fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+    async fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
         loop {
             let mut sender = lock(&self.h1_idle).get_mut(&addr)?.pop()?;
             // Ready at once if idle; waits out a response the server is finishing;
@@ -125,7 +126,7 @@ impl Pool {
     async fn connect_h1(
         &self,
         addr: SocketAddr,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect(addr).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -144,7 +145,7 @@ impl Pool {
     pub async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         loop {
             let (mut sender, reused) = match self.checkout_h1(addr).await {
@@ -178,7 +179,7 @@ impl Pool {
     pub async fn send_h2(
         &self,
         addr: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let existing = lock(&self.h2)
             .get(&addr)

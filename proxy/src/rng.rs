@@ -63,7 +63,10 @@ mod tests {
         for _ in 0..40_000 {
             counts[rng.below(4) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_400..10_600).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_400..10_600).contains(&c)),
+            "{counts:?}"
+        );
         let hits = (0..100_000).filter(|_| rng.chance(10.0)).count();
         assert!((9_400..10_600).contains(&hits), "{hits}");
         assert!(!rng.chance(0.0) && rng.chance(100.0));

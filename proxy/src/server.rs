@@ -40,6 +40,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     #[serde(with = "crate::duration::serde_text")]
     pub drain_timeout: Duration,
+    /// How often the config file is checked for changes.
+    #[serde(with = "crate::duration::serde_text")]
+    pub config_poll: Duration,
+    pub access_log: bool,
     /// Ports proxied as opaque TCP without detection (server-first protocols).
     pub opaque_ports: BTreeSet<u16>,
 }
@@ -61,8 +65,8 @@ struct Listener {
 pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     let metrics = crate::metrics::install();
     let settings = Arc::new(settings);
-    let table = table::shared(config);
     let pool = Pool::new(settings.connect_timeout);
+    let table = table::shared(config, &pool).map_err(io::Error::other)?;
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.map_err(|e| {
@@ -91,6 +95,7 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
                 direction,
                 table: table.clone(),
                 pool: pool.clone(),
+                access_log: settings.access_log,
             }),
             h1: {
                 let mut b = http1::Builder::new();
@@ -106,6 +111,14 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
         tokio::spawn(accept_loop(listener, state, drain.clone()));
     }
     drop(drain);
+    if let Some(path) = settings.config_file.clone() {
+        tokio::spawn(watch_config(
+            path,
+            settings.config_poll,
+            table.clone(),
+            pool.clone(),
+        ));
+    }
     admin.ready.store(true, Ordering::Release);
     tracing::info!(
         outbound = %settings.outbound_addr,
@@ -123,6 +136,41 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
         tracing::warn!("drain timeout passed with connections still open; exiting");
     }
     Ok(())
+}
+
+/// Reloads the config file when it changes. A file that does not load is reported
+/// (with file, line and field) and the running config stays.
+async fn watch_config(path: PathBuf, every: Duration, table: table::SharedTable, pool: Arc<Pool>) {
+    let stamp = |path: &PathBuf| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| table::RouteTable::new(config, &pool));
+        match loaded {
+            Ok(new) => {
+                table.store(Arc::new(new));
+                metrics::counter!("trellis_config_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(file = %path.display(), "config reloaded");
+            }
+            Err(error) => {
+                metrics::counter!("trellis_config_reloads_total", "result" => "error").increment(1);
+                tracing::error!(%error, "config not reloaded; keeping the running config");
+            }
+        }
+    }
 }
 
 async fn wait_for_shutdown(admin: &AdminState) {
@@ -152,8 +200,8 @@ async fn accept_loop(listener: TcpListener, state: Arc<Listener>, mut drain: Dra
             _ = drain.signaled() => return,
         };
         match accepted {
-            Ok((stream, _peer)) => {
-                tokio::spawn(handle(stream, state.clone(), drain.clone()));
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, state.clone(), drain.clone()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -185,7 +233,7 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn handle(mut stream: TcpStream, state: Arc<Listener>, mut drain: Drain) {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, mut drain: Drain) {
     let _ = stream.set_nodelay(true);
     let original_dst = original_dst(&stream);
     let direction = state.direction.label();
@@ -215,7 +263,7 @@ async fn handle(mut stream: TcpStream, state: Arc<Listener>, mut drain: Drain) {
 
     match protocol {
         Protocol::Http1 => {
-            let service = HttpProxy::new(state.http.clone(), original_dst, protocol);
+            let service = HttpProxy::new(state.http.clone(), original_dst, peer, protocol);
             let conn = state
                 .h1
                 .serve_connection(TokioIo::new(io), service)
@@ -233,7 +281,7 @@ async fn handle(mut stream: TcpStream, state: Arc<Listener>, mut drain: Drain) {
             }
         }
         Protocol::Http2 => {
-            let service = HttpProxy::new(state.http.clone(), original_dst, protocol);
+            let service = HttpProxy::new(state.http.clone(), original_dst, peer, protocol);
             let conn = state.h2.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             let result = tokio::select! {

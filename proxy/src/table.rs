@@ -3,18 +3,21 @@
 //!
 //! Requests read the table through [`arc_swap::ArcSwap`]: a load is a few atomic
 //! operations, never a lock, and a new config replaces the table whole while requests
-//! that already hold the old one finish with it.
+//! that already hold the old one finish with it. Everything a request needs is
+//! compiled here once: authorities to services, each service's route matcher, and
+//! each route's policy stack.
 
-use crate::config::Config;
-use arc_swap::ArcSwap;
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+use crate::{
+    config::{Config, Route, Service},
+    pool::Pool,
+    ratelimit::RateLimiter,
+    route::Router,
+    stack::{self, Resources, RouteService},
 };
+use arc_swap::ArcSwap;
+use http::Request;
+use serde_json::json;
+use std::{collections::HashMap, sync::Arc};
 
 /// The DNS suffix of services inside the cluster.
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";
@@ -22,41 +25,84 @@ const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 /// Shared handle to the current table.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 
-/// A service as requests see it: where to send them and what to call it in metrics.
-#[derive(Debug)]
+/// A service as requests see it: its routes, compiled.
 pub struct Target {
     /// `name.namespace:port`, the bounded label used in metrics.
     pub label: Arc<str>,
-    endpoints: Box<[SocketAddr]>,
-    next: AtomicUsize,
+    router: Router,
+    routes: Vec<RoutePlan>,
+}
+
+/// One route: its name for metrics and the stack its requests run through.
+pub struct RoutePlan {
+    pub name: Arc<str>,
+    pub stack: RouteService,
+    /// Ring hashing on the source address needs the client's address per request.
+    pub needs_client_addr: bool,
 }
 
 impl Target {
-    /// Round robin over the endpoints; `None` when the service has none.
-    pub fn pick(&self) -> Option<SocketAddr> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(self.endpoints[i % self.endpoints.len()])
+    /// The route a request takes; `None` is "no route" (404 `NR`).
+    pub fn route<B>(&self, req: &Request<B>) -> Option<&RoutePlan> {
+        let index = self.router.find(req.method(), req.uri(), req.headers())?;
+        self.routes.get(index)
     }
 }
 
-/// Authorities (as clients write them) to targets, plus the config they came from.
-#[derive(Debug, Default)]
+/// Authorities (as clients write them) to targets, the inbound limits, and the
+/// config they came from.
 pub struct RouteTable {
     by_authority: HashMap<Box<str>, Arc<Target>>,
+    inbound: HashMap<u16, RateLimiter>,
     pub config: Config,
 }
 
+/// A service's routes: its own, or one default route to its endpoints.
+fn routes_of(service: &Service) -> Vec<Route> {
+    if service.routes.is_empty() {
+        vec![Route::default()]
+    } else {
+        service.routes.clone()
+    }
+}
+
+fn route_name(route: &Route, index: usize) -> String {
+    route.name.clone().unwrap_or_else(|| index.to_string())
+}
+
 impl RouteTable {
-    pub fn new(config: Config) -> RouteTable {
+    /// Compiles a validated config; `pool` carries every route's upstream requests.
+    pub fn new(config: Config, pool: &Arc<Pool>) -> Result<RouteTable, String> {
+        let resources = Resources {
+            pool,
+            services: &config.services,
+            seed: None,
+        };
         let mut by_authority = HashMap::new();
         for service in &config.services {
+            let routes = routes_of(service);
+            let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
+                .map_err(|e| format!("service {}: {e}", service.authority()))?;
+            let plans = routes
+                .iter()
+                .enumerate()
+                .map(|(i, route)| {
+                    let policy = service.policy.overridden_by(&route.policy);
+                    RoutePlan {
+                        name: route_name(route, i).into(),
+                        needs_client_addr: policy
+                            .load_balancer
+                            .as_ref()
+                            .and_then(|lb| lb.hash_on.as_ref())
+                            .is_some_and(|h| h.source_ip),
+                        stack: stack::build_route(&resources, service, route, &policy, i),
+                    }
+                })
+                .collect();
             let target = Arc::new(Target {
                 label: service.authority().into(),
-                endpoints: service.endpoints.iter().map(|e| e.address).collect(),
-                next: AtomicUsize::new(0),
+                router,
+                routes: plans,
             });
             let port = service.port.get();
             let base = format!("{}.{}", service.name, service.namespace);
@@ -71,10 +117,19 @@ impl RouteTable {
                 by_authority.insert(format!("{host}:{port}").into(), target.clone());
             }
         }
-        RouteTable {
+        let inbound = config
+            .inbound
+            .iter()
+            .filter_map(|port| {
+                let limit = port.rate_limit.as_ref()?;
+                Some((port.port.get(), RateLimiter::new(limit)))
+            })
+            .collect();
+        Ok(RouteTable {
             by_authority,
+            inbound,
             config,
-        }
+        })
     }
 
     /// The named service an authority (`Host` header or `:authority`) refers to.
@@ -89,15 +144,54 @@ impl RouteTable {
             None => None,
         }
     }
+
+    /// The rate limit on calls to one of the pod's own ports.
+    pub fn inbound_limit(&self, port: u16) -> Option<&RateLimiter> {
+        self.inbound.get(&port)
+    }
+
+    /// The config as it runs: every route with its effective policy (the service's
+    /// sections under the route's own, defaults filled in).
+    pub fn effective(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .config
+            .services
+            .iter()
+            .map(|service| {
+                let routes: Vec<_> = routes_of(service)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, route)| {
+                        json!({
+                            "name": route_name(route, i),
+                            "matches": route.matches,
+                            "backends": route.backends,
+                            "policy": service.policy.overridden_by(&route.policy),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "service": service.authority(),
+                    "endpoints": service.endpoints,
+                    "routes": routes,
+                })
+            })
+            .collect();
+        json!({ "services": services, "inbound": self.config.inbound })
+    }
 }
 
-pub fn shared(config: Config) -> SharedTable {
-    Arc::new(ArcSwap::from_pointee(RouteTable::new(config)))
+/// A table for `config`, shared for lock-free reads.
+pub fn shared(config: Config, pool: &Arc<Pool>) -> Result<SharedTable, String> {
+    Ok(Arc::new(ArcSwap::from_pointee(RouteTable::new(
+        config, pool,
+    )?)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn table() -> RouteTable {
         let config = Config::parse(
@@ -107,16 +201,21 @@ mod tests {
     namespace: shop
     port: 8080
     endpoints: [{address: 198.18.0.2:8080}, {address: 198.18.0.3:8080}]
+    policy: {timeouts: {request: 3s}}
+    routes:
+      - name: api
+        matches: [{path: {value: /api}}]
+        policy: {retry: {attempts: 1}}
   - name: web
     port: 80
 ",
         )
         .unwrap();
-        RouteTable::new(config)
+        RouteTable::new(config, &Pool::new(Duration::from_secs(1))).unwrap()
     }
 
-    #[test]
-    fn finds_services_by_every_authority_form() {
+    #[tokio::test]
+    async fn finds_services_by_every_authority_form() {
         let table = table();
         for authority in [
             "reviews.shop:8080",
@@ -134,15 +233,28 @@ mod tests {
         assert!(table.lookup("web.default:80").is_some());
     }
 
-    #[test]
-    fn round_robin_spreads_requests_and_empty_services_have_none() {
+    #[tokio::test]
+    async fn routes_are_found_and_unmatched_requests_have_none() {
         let table = table();
         let target = table.lookup("reviews.shop:8080").unwrap();
-        let picks: Vec<_> = (0..4).map(|_| target.pick().unwrap().port()).collect();
-        assert_eq!(picks, [8080; 4]);
-        let ips: Vec<_> = (0..4).map(|_| target.pick().unwrap().ip()).collect();
-        assert_ne!(ips[0], ips[1]);
-        assert_eq!(ips[0], ips[2]);
-        assert!(table.lookup("web.default").unwrap().pick().is_none());
+        let req = |path: &str| Request::get(path).body(()).unwrap();
+        assert_eq!(&*target.route(&req("/api/x")).unwrap().name, "api");
+        assert!(target.route(&req("/other")).is_none());
+        // A service without routes has one route that takes everything.
+        let web = table.lookup("web.default").unwrap();
+        assert_eq!(&*web.route(&req("/anything")).unwrap().name, "0");
+    }
+
+    #[tokio::test]
+    async fn effective_policy_fills_defaults_and_merges_service_policy() {
+        let dump = table().effective();
+        let policy = &dump["services"][0]["routes"][0]["policy"];
+        assert_eq!(policy["timeouts"]["request"], "3s", "from the service");
+        assert_eq!(policy["retry"]["attempts"], 1, "from the route");
+        assert_eq!(
+            policy["retry"]["backoff"]["base"], "25ms",
+            "default filled in"
+        );
+        assert_eq!(policy["retry"]["budget"]["percent"], 20.0);
     }
 }

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use trellis_tests::{
     apps::{self, pattern},
     grpc::echo_client,
-    http::{collect, get, get_with_host, h2_client, send_h1},
+    http::{collect, get, h2_client, send_h1},
     mesh::{Mesh, BANNER_DETECTED, BANNER_OPAQUE, ECHO, GRPC, HTTP, RESET, WS},
     proto::{EchoRequest, StreamRequest},
 };
@@ -333,6 +333,8 @@ async fn ten_mib_bodies_stream_both_ways_without_being_buffered() {
 
 #[tokio::test]
 async fn named_service_spreads_requests_over_its_endpoints() {
+    // Ring hashing on a header: each user sticks to one endpoint, and the users
+    // spread over both.
     let config = "services:
   - name: web
     namespace: shop
@@ -340,27 +342,40 @@ async fn named_service_spreads_requests_over_its_endpoints() {
     endpoints:
       - address: 198.18.0.3:8080
       - address: 198.18.0.3:8081
+    policy:
+      loadBalancer: {type: RingHash, hashOn: {header: x-user}}
 ";
     let mesh = Mesh::start_with_config(&[], &[], Some(config)).await;
     // The client dials some address and names the service in Host; the client
     // sidecar picks an endpoint.
     let addr = mesh.server_addr(HTTP);
-    let mut apps = Vec::new();
-    for _ in 0..4 {
-        let (status, headers, _) = get_with_host(mesh.client_pod(), addr, "/", "web.shop:8080")
-            .await
-            .unwrap();
-        assert_eq!(status, 200);
-        apps.push(headers["x-app"].to_str().unwrap().to_owned());
+    let mut served = std::collections::HashMap::new();
+    for round in 0..2 {
+        for user in 0..10 {
+            let req = Request::get("/")
+                .header("host", "web.shop:8080")
+                .header("x-user", format!("user-{user}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let (status, headers, _) =
+                collect(send_h1(mesh.client_pod(), addr, req).await.unwrap())
+                    .await
+                    .unwrap();
+            assert_eq!(status, 200);
+            let app = headers["x-app"].to_str().unwrap().to_owned();
+            let first = served.entry(user).or_insert_with(|| app.clone());
+            assert_eq!(*first, app, "user-{user} moved endpoints in round {round}");
+        }
     }
-    assert_eq!(apps, ["server", "server-b", "server", "server-b"]);
+    let apps: std::collections::HashSet<_> = served.values().collect();
+    assert_eq!(apps.len(), 2, "both endpoints serve some users: {served:?}");
     let metrics = mesh.client.metrics().await;
     assert_eq!(
         metrics.sum(
             "trellis_requests_total",
             &[("service", "web.shop:8080"), ("code", "200")]
         ),
-        4.0
+        20.0
     );
 
     let (status, _, dump) = get(
@@ -448,7 +463,15 @@ async fn metric_labels_stay_bounded() {
         get(mesh.client_pod(), addr, path).await.unwrap();
     }
     let metrics = mesh.client.metrics().await;
-    let allowed = ["direction", "protocol", "service", "code", "flags"];
+    let allowed = [
+        "direction",
+        "protocol",
+        "service",
+        "route",
+        "backend",
+        "code",
+        "flags",
+    ];
     let sets = metrics.label_sets("trellis_requests_total");
     assert!(!sets.is_empty());
     for labels in sets {
