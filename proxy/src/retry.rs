@@ -4,7 +4,9 @@
 //! multiply an outage.
 //!
 //! Not retried: methods that are not idempotent (unless the route says so), request
-//! bodies over the replay limit (64 KiB), and upgrades.
+//! bodies over the replay limit (64 KiB), and upgrades. gRPC calls are always POST,
+//! which says nothing about the call itself; like gRPC's own retry policy, they are
+//! retried on the listed conditions whatever the method.
 
 use crate::{
     body::RequestBody,
@@ -233,7 +235,7 @@ where
         let policy = self.policy.clone();
         let inner = self.inner.clone();
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        if upgrade || !policy.idempotent(req.method()) {
+        if upgrade || !(policy.idempotent(req.method()) || crate::stack::is_grpc(&req)) {
             return Box::pin(inner.oneshot(req));
         }
         policy.budget.deposit();

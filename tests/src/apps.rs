@@ -149,6 +149,37 @@ fn full(text: String) -> AppBody {
     Full::new(Bytes::from(text)).boxed()
 }
 
+/// Answers `status` to `percent` % of requests and 200 to the rest; the draw is
+/// seeded, so a run of sequential requests fails the same ones every time.
+pub fn failing_app(listener: TcpListener, name: &'static str, status: u16, percent: f64) -> App {
+    let state = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0x5EED));
+    spawn_accept(listener, move |stream| {
+        let state = state.clone();
+        async move {
+            let _ = stream.set_nodelay(true);
+            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                // splitmix64 over a shared counter: repeatable, lock-free.
+                let mut z = state
+                    .fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed)
+                    .wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let draw = (z ^ (z >> 31)) as f64 / u64::MAX as f64 * 100.0;
+                let code = if draw < percent { status } else { 200 };
+                let mut response = Response::new(full(format!("{code} from {name}")));
+                *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+                response
+                    .headers_mut()
+                    .insert("x-app", name.parse().unwrap());
+                std::future::ready(Ok::<_, Infallible>(response))
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+}
+
 /// Echoes every WebSocket message back.
 pub fn websocket_app(listener: TcpListener) -> App {
     spawn_accept(listener, |stream| async move {
@@ -202,7 +233,12 @@ pub fn banner_app(listener: TcpListener) -> App {
     })
 }
 
-struct EchoService;
+/// Echo service state: `Unary` with a message starting "flaky" fails every other
+/// call with UNAVAILABLE (for retry tests).
+#[derive(Default)]
+struct EchoService {
+    flaky_calls: std::sync::atomic::AtomicUsize,
+}
 
 type ReplyStream = Pin<Box<dyn futures_util::Stream<Item = Result<EchoReply, Status>> + Send>>;
 
@@ -212,6 +248,15 @@ impl Echo for EchoService {
         &self,
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, Status> {
+        if request.get_ref().message.starts_with("flaky")
+            && self
+                .flaky_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                % 2
+                == 0
+        {
+            return Err(Status::unavailable("flaky: try again"));
+        }
         Ok(tonic::Response::new(EchoReply {
             message: request.into_inner().message,
             index: 0,
@@ -244,7 +289,7 @@ pub fn grpc_app(listener: TcpListener) -> App {
     App(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService))
+            .add_service(EchoServer::new(EchoService::default()))
             .serve_with_incoming(incoming)
             .await;
     }))

@@ -17,6 +17,10 @@ pub const BANNER_OPAQUE: u16 = 3306;
 pub const BANNER_DETECTED: u16 = 2525;
 /// Resets every connection after reading the request.
 pub const RESET: u16 = 8090;
+/// Answers 503 to 30 % of requests (a seeded draw), 200 to the rest.
+pub const FLAKY: u16 = 8082;
+/// Answers 500 to every request.
+pub const BROKEN: u16 = 8083;
 
 /// Two pods with sidecars; fields drop in order, so processes stop before the
 /// namespaces go.
@@ -33,10 +37,21 @@ impl Mesh {
         Mesh::start_with_config(client_run_args, server_run_args, None).await
     }
 
+    /// The client sidecar with `config` (the services it calls by name).
     pub async fn start_with_config(
         client_run_args: &[&str],
         server_run_args: &[&str],
         config: Option<&str>,
+    ) -> Mesh {
+        Mesh::start_with_configs(client_run_args, server_run_args, config, None).await
+    }
+
+    /// Both sidecars with their own configs.
+    pub async fn start_with_configs(
+        client_run_args: &[&str],
+        server_run_args: &[&str],
+        client_config: Option<&str>,
+        server_config: Option<&str>,
     ) -> Mesh {
         let net = Network::new(2);
         let server_pod = net.pod(1).clone();
@@ -49,11 +64,14 @@ impl Mesh {
             apps::banner_app(server_pod.listen(BANNER_OPAQUE)),
             apps::banner_app(server_pod.listen(BANNER_DETECTED)),
             apps::reset_app(server_pod.listen(RESET)),
+            apps::failing_app(server_pod.listen(FLAKY), "flaky", 503, 30.0),
+            apps::failing_app(server_pod.listen(BROKEN), "broken", 500, 100.0),
         ];
         let server = Sidecar::start(
             &server_pod,
             Options {
                 run_args: server_run_args,
+                config: server_config,
                 ..Default::default()
             },
         )
@@ -62,7 +80,7 @@ impl Mesh {
             net.pod(0),
             Options {
                 run_args: client_run_args,
-                config,
+                config: client_config,
                 ..Default::default()
             },
         )

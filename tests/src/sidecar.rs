@@ -149,6 +149,12 @@ impl Sidecar {
         }
     }
 
+    /// The config file the proxy was started with (tests rewrite it to reload).
+    pub fn config_path(&self) -> Option<PathBuf> {
+        let path = self.dir.0.join("config.yaml");
+        path.exists().then_some(path)
+    }
+
     /// What the proxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("proxy.log")).unwrap_or_default()
