@@ -1,23 +1,32 @@
 //! Route matching: which of a service's routes a request takes.
 //!
-//! Every (route, match) pair is compiled once and sorted by Gateway API HTTPRoute
-//! precedence, so a request is tested against the pairs in order and the first that
-//! holds wins:
+//! Every (route, match) pair is compiled once and ordered by Gateway API HTTPRoute
+//! precedence; the first pair that holds wins:
 //! 1. an Exact path, then the longest PathPrefix, then a RegularExpression path;
 //! 2. a method match before none;
 //! 3. more header matches first, then more query parameter matches;
 //! 4. the earlier route (then the earlier match) in the config.
 //!
-//! A route with no matches matches every request, as a PathPrefix of `/`.
+//! Exact paths and prefixes are indexed by path, so a lookup costs one hash probe
+//! per segment of the request path, however many routes there are; only regex paths
+//! are tried one by one. A PathPrefix matches whole segments and ignores a trailing
+//! slash (`/api` and `/api/` both match `/api`, `/api/x`, not `/apix`). A route with
+//! no matches matches every request, as a PathPrefix of `/`.
 
 use crate::config::{PathMatchType, RouteMatch, ValueMatch, ValueMatchType};
 use http::{HeaderMap, HeaderName, Method, Uri};
 use regex::Regex;
+use std::collections::HashMap;
 
 /// The compiled routes of one service; `find` returns the index of the route taken.
 #[derive(Debug, Default)]
 pub struct Router {
-    candidates: Vec<Candidate>,
+    /// Candidates by exact path, each list in precedence order.
+    exact: HashMap<String, Vec<Candidate>>,
+    /// Candidates by normalised prefix, each list in precedence order.
+    prefix: HashMap<String, Vec<Candidate>>,
+    /// Regex paths, in precedence order.
+    regex: Vec<Candidate>,
 }
 
 #[derive(Debug)]
@@ -84,7 +93,7 @@ fn compile(route: usize, m: &RouteMatch) -> Result<Candidate, (String, String)> 
                 }
                 PathMatchType::PathPrefix => {
                     must_be_path()?;
-                    PathMatcher::Prefix(value.clone())
+                    PathMatcher::Prefix(normalise_prefix(value).to_owned())
                 }
                 PathMatchType::RegularExpression => {
                     PathMatcher::Regex(full_regex(value).map_err(|e| ("path.value".to_owned(), e))?)
@@ -117,6 +126,31 @@ fn compile(route: usize, m: &RouteMatch) -> Result<Candidate, (String, String)> 
     })
 }
 
+/// A prefix without its trailing slash (`/` stays `/`).
+fn normalise_prefix(prefix: &str) -> &str {
+    match prefix.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    }
+}
+
+/// The prefixes that match `path`, longest first: the path itself (trailing
+/// slash dropped), then each shorter run of whole segments, then `/`.
+fn segment_prefixes(path: &str) -> impl Iterator<Item = &str> {
+    let path = normalise_prefix(path);
+    let mut end = Some(path.len());
+    std::iter::from_fn(move || {
+        let current = end?;
+        let prefix = if current == 0 { "/" } else { &path[..current] };
+        end = if prefix == "/" {
+            None
+        } else {
+            path[..current].rfind('/')
+        };
+        Some(prefix)
+    })
+}
+
 /// Checks one match the way [`Router::new`] will compile it; the error names the
 /// field within the match.
 pub fn check_match(m: &RouteMatch) -> Result<(), (String, String)> {
@@ -141,21 +175,9 @@ impl Candidate {
         )
     }
 
-    fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
-        let path = uri.path();
-        let path_ok = match &self.path {
-            PathMatcher::Exact(p) => path == p,
-            PathMatcher::Prefix(p) => {
-                // On path-segment boundaries: /api matches /api and /api/x, not /apix.
-                path.starts_with(p.as_str())
-                    && (p.ends_with('/')
-                        || path.len() == p.len()
-                        || path.as_bytes()[p.len()] == b'/')
-            }
-            PathMatcher::Regex(r) => r.is_match(path),
-        };
-        path_ok
-            && self.method.as_ref().is_none_or(|m| m == method)
+    /// Everything but the path, which the index (or `find` for regexes) checked.
+    fn conditions_hold(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method)
             && self.headers.iter().all(|(name, matcher)| {
                 let value = headers.get(name).and_then(|v| v.to_str().ok());
                 matcher.matches(value)
@@ -197,23 +219,42 @@ impl Router {
             }
         }
         candidates.sort_by_key(Candidate::precedence);
-        Ok(Router { candidates })
+        let mut router = Router::default();
+        for candidate in candidates {
+            match &candidate.path {
+                PathMatcher::Exact(p) => router.exact.entry(p.clone()).or_default().push(candidate),
+                PathMatcher::Prefix(p) => {
+                    router.prefix.entry(p.clone()).or_default().push(candidate)
+                }
+                PathMatcher::Regex(_) => router.regex.push(candidate),
+            }
+        }
+        Ok(router)
     }
 
     /// The index of the route a request takes, if any.
     pub fn find(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<usize> {
-        self.candidates
+        let path = uri.path();
+        let first = |list: &[Candidate]| {
+            list.iter()
+                .find(|c| c.conditions_hold(method, uri, headers))
+                .map(|c| c.route)
+        };
+        if let Some(route) = self.exact.get(path).and_then(|l| first(l)) {
+            return Some(route);
+        }
+        for prefix in segment_prefixes(path) {
+            if let Some(route) = self.prefix.get(prefix).and_then(|l| first(l)) {
+                return Some(route);
+            }
+        }
+        self.regex
             .iter()
-            .find(|c| c.matches(method, uri, headers))
+            .find(|c| {
+                matches!(&c.path, PathMatcher::Regex(r) if r.is_match(path))
+                    && c.conditions_hold(method, uri, headers)
+            })
             .map(|c| c.route)
-    }
-
-    pub fn len(&self) -> usize {
-        self.candidates.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.candidates.is_empty()
     }
 }
 
@@ -311,6 +352,17 @@ mod tests {
         assert_eq!(find(&r, "GET", "/?a=1&v=2", &[]), Some(1));
         assert_eq!(find(&r, "GET", "/?v=22", &[]), None);
         assert_eq!(find(&r, "GET", "/", &[("x-trace", "")]), Some(2));
+    }
+
+    #[test]
+    fn prefixes_ignore_a_trailing_slash_and_list_segments_longest_first() {
+        let r = router("- [{path: {value: /api/}}]\n- [{path: {value: /}}]\n");
+        assert_eq!(find(&r, "GET", "/api", &[]), Some(0));
+        assert_eq!(find(&r, "GET", "/api/", &[]), Some(0));
+        assert_eq!(find(&r, "GET", "/apix", &[]), Some(1));
+        let all: Vec<_> = segment_prefixes("/a/b/c/").collect();
+        assert_eq!(all, ["/a/b/c", "/a/b", "/a", "/"]);
+        assert_eq!(segment_prefixes("/").collect::<Vec<_>>(), ["/"]);
     }
 
     #[test]
