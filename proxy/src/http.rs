@@ -167,7 +167,11 @@ impl HttpProxy {
         if self.shared.direction == Direction::Inbound {
             if let Some(limit) = table.inbound_limit(addr.port()) {
                 if !limit.try_acquire(None) {
-                    metrics::counter!("trellis_ratelimited_total").increment(1);
+                    metrics::counter!("trellis_ratelimited_total",
+                        "direction" => "inbound",
+                        "port" => addr.port().to_string(),
+                    )
+                    .increment(1);
                     return Err(Failure::local(
                         StatusCode::TOO_MANY_REQUESTS,
                         Flags::RL,

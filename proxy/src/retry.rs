@@ -91,6 +91,25 @@ pub fn backoff(base: Duration, max: Duration, retry: u32, rng: &Rng) -> Duration
     ceiling.mul_f64(rng.unit())
 }
 
+/// The counters a route's retries are reported in.
+pub struct RetryCounters {
+    pub retries: metrics::Counter,
+    pub budget_exhausted: metrics::Counter,
+    /// Retries refused because `maxRetries` were already in flight.
+    pub overflow: metrics::Counter,
+}
+
+impl RetryCounters {
+    #[cfg(test)]
+    fn none() -> RetryCounters {
+        RetryCounters {
+            retries: metrics::Counter::noop(),
+            budget_exhausted: metrics::Counter::noop(),
+            overflow: metrics::Counter::noop(),
+        }
+    }
+}
+
 struct Policy {
     attempts: u32,
     on: Vec<RetryOn>,
@@ -102,6 +121,7 @@ struct Policy {
     max_active: u32,
     active: AtomicU32,
     rng: Rng,
+    counters: RetryCounters,
 }
 
 #[derive(Clone)]
@@ -109,7 +129,7 @@ pub struct RetryLayer(Arc<Policy>);
 
 impl RetryLayer {
     /// `max_active` caps retries in flight at once (the connection pool's `maxRetries`).
-    pub fn new(config: &Retry, max_active: u32, rng: Rng) -> Self {
+    pub fn new(config: &Retry, max_active: u32, rng: Rng, counters: RetryCounters) -> Self {
         RetryLayer(Arc::new(Policy {
             attempts: config.attempts,
             on: config.on.clone(),
@@ -121,6 +141,7 @@ impl RetryLayer {
             max_active,
             active: AtomicU32::new(0),
             rng,
+            counters,
         }))
     }
 }
@@ -277,20 +298,19 @@ where
                     return result;
                 }
                 if !policy.budget.try_withdraw() {
-                    metrics::counter!("trellis_retry_budget_exhausted_total").increment(1);
+                    policy.counters.budget_exhausted.increment(1);
                     return give_up(result);
                 }
                 if policy.active.fetch_add(1, Ordering::AcqRel) >= policy.max_active {
                     policy.active.fetch_sub(1, Ordering::AcqRel);
-                    metrics::counter!("trellis_overflow_total", "backend" => "retries")
-                        .increment(1);
+                    policy.counters.overflow.increment(1);
                     return give_up(result);
                 }
                 avoid = endpoint_of(&result);
                 drop(result);
                 tokio::time::sleep(backoff(policy.base, policy.max, retries, &policy.rng)).await;
                 policy.active.fetch_sub(1, Ordering::AcqRel);
-                metrics::counter!("trellis_retries_total").increment(1);
+                policy.counters.retries.increment(1);
                 retries += 1;
             }
         })
@@ -358,6 +378,7 @@ mod tests {
             &retry("{attempts: 3, on: [5xx]}"),
             u32::MAX,
             Rng::with_seed(1),
+            RetryCounters::none(),
         )
         .layer(upstream.clone());
         let start = tokio::time::Instant::now();
@@ -379,6 +400,7 @@ mod tests {
             &retry("{attempts: 2, on: [gateway-error]}"),
             u32::MAX,
             Rng::with_seed(1),
+            RetryCounters::none(),
         )
         .layer(upstream.clone());
         let response = service.oneshot(request()).await.unwrap();
@@ -412,8 +434,13 @@ mod tests {
         ];
         for (config, step, calls) in cases {
             let upstream = Scripted::new(vec![], step.clone());
-            let service = RetryLayer::new(&retry(config), u32::MAX, Rng::with_seed(1))
-                .layer(upstream.clone());
+            let service = RetryLayer::new(
+                &retry(config),
+                u32::MAX,
+                Rng::with_seed(1),
+                RetryCounters::none(),
+            )
+            .layer(upstream.clone());
             let _ = service.oneshot(request()).await;
             assert_eq!(upstream.calls(), calls, "{config} with {step:?}");
         }
@@ -427,8 +454,13 @@ mod tests {
                 .unwrap()
         };
         let upstream = Scripted::always(503);
-        let service = RetryLayer::new(&retry("{on: [5xx]}"), u32::MAX, Rng::with_seed(1))
-            .layer(upstream.clone());
+        let service = RetryLayer::new(
+            &retry("{on: [5xx]}"),
+            u32::MAX,
+            Rng::with_seed(1),
+            RetryCounters::none(),
+        )
+        .layer(upstream.clone());
         service.oneshot(post()).await.unwrap();
         assert_eq!(upstream.calls(), 1);
 
@@ -437,6 +469,7 @@ mod tests {
             &retry("{on: [5xx], retryNonIdempotent: true}"),
             u32::MAX,
             Rng::with_seed(1),
+            RetryCounters::none(),
         )
         .layer(upstream.clone());
         service.oneshot(post()).await.unwrap();
@@ -469,8 +502,13 @@ mod tests {
             }
         }
         let upstream = Scripted::always(200);
-        let service = RetryLayer::new(&retry("{on: [unavailable]}"), u32::MAX, Rng::with_seed(1))
-            .layer(Grpc(upstream.clone()));
+        let service = RetryLayer::new(
+            &retry("{on: [unavailable]}"),
+            u32::MAX,
+            Rng::with_seed(1),
+            RetryCounters::none(),
+        )
+        .layer(Grpc(upstream.clone()));
         let response = service.oneshot(request()).await.unwrap();
         assert!(response.headers().get("grpc-status").is_none());
         assert_eq!(upstream.calls(), 2);

@@ -21,7 +21,7 @@ use crate::{
     policy::{HashOn, Policy},
     pool::{Pool, UpstreamError},
     ratelimit::RateLimiter,
-    retry::RetryLayer,
+    retry::{RetryCounters, RetryLayer},
     rng::Rng,
     split::Split,
     timeout::TimeoutLayer,
@@ -277,6 +277,8 @@ impl Service<Req> for Balance {
 pub struct Fault<S> {
     inner: S,
     injector: Arc<FaultInjector>,
+    delays: metrics::Counter,
+    aborts: metrics::Counter,
 }
 
 impl<S> Service<Req> for Fault<S>
@@ -295,14 +297,15 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let decision = self.injector.decide();
         let mut inner = self.inner.clone();
+        let (delays, aborts) = (self.delays.clone(), self.aborts.clone());
         Box::pin(async move {
             let delayed = decision.delay.is_some();
             if let Some(delay) = decision.delay {
-                metrics::counter!("trellis_faults_injected_total", "kind" => "delay").increment(1);
+                delays.increment(1);
                 tokio::time::sleep(delay).await;
             }
             if let Some(abort) = decision.abort {
-                metrics::counter!("trellis_faults_injected_total", "kind" => "abort").increment(1);
+                aborts.increment(1);
                 let grpc = is_grpc(&req);
                 let mut response = abort_response(&abort, grpc);
                 add_flags(
@@ -366,6 +369,7 @@ pub struct RateLimit<S> {
     inner: S,
     limiter: Arc<RateLimiter>,
     key_header: Option<http::HeaderName>,
+    limited: metrics::Counter,
 }
 
 impl<S> Service<Req> for RateLimit<S>
@@ -388,7 +392,7 @@ where
             .and_then(|h| req.headers().get(h))
             .and_then(|v| v.to_str().ok());
         if !self.limiter.try_acquire(key) {
-            metrics::counter!("trellis_ratelimited_total").increment(1);
+            self.limited.increment(1);
             return Box::pin(std::future::ready(Err(Failure::local(
                 StatusCode::TOO_MANY_REQUESTS,
                 Flags::RL,
@@ -397,6 +401,45 @@ where
         }
         let mut inner = self.inner.clone();
         Box::pin(async move { inner.ready().await?.call(req).await })
+    }
+}
+
+/// A route's policy counters, registered once when the route is built, so a
+/// request that retries, is limited or gets a fault pays one atomic add.
+pub struct RouteCounters {
+    pub retries: metrics::Counter,
+    pub retry_budget_exhausted: metrics::Counter,
+    pub retry_overflow: metrics::Counter,
+    ratelimited: metrics::Counter,
+    delays: metrics::Counter,
+    aborts: metrics::Counter,
+}
+
+impl RouteCounters {
+    fn new(service: &Arc<str>, route: &Arc<str>) -> RouteCounters {
+        let labels = [
+            ("service", service.to_string()),
+            ("route", route.to_string()),
+        ];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut all: Vec<(&'static str, String)> = labels.to_vec();
+            all.push((extra.0, extra.1.to_owned()));
+            all
+        };
+        RouteCounters {
+            retries: metrics::counter!("trellis_retries_total", &labels),
+            retry_budget_exhausted: metrics::counter!(
+                "trellis_retry_budget_exhausted_total",
+                &labels
+            ),
+            retry_overflow: metrics::counter!("trellis_retry_overflow_total", &labels),
+            ratelimited: metrics::counter!(
+                "trellis_ratelimited_total",
+                &with(("direction", "outbound"))
+            ),
+            delays: metrics::counter!("trellis_faults_injected_total", &with(("kind", "delay"))),
+            aborts: metrics::counter!("trellis_faults_injected_total", &with(("kind", "abort"))),
+        }
     }
 }
 
@@ -428,15 +471,18 @@ fn backend_refs(service: &ServiceConfig, route: &Route) -> Vec<BackendRef> {
     }
 }
 
-/// Builds one route's stack from its effective policy.
+/// Builds one route's stack from its effective policy; `service_label` and
+/// `route_label` name it in metrics.
 pub fn build_route(
     ctx: &Resources<'_>,
     service: &ServiceConfig,
     route: &Route,
     policy: &Policy,
     route_index: usize,
+    labels: (&Arc<str>, &Arc<str>),
 ) -> RouteService {
     let salt = route_index as u64 + 1;
+    let counters = RouteCounters::new(labels.0, labels.1);
     let mut backends = Vec::new();
     for (i, backend) in backend_refs(service, route).iter().enumerate() {
         let namespace = backend.namespace.as_deref().unwrap_or(&service.namespace);
@@ -486,7 +532,17 @@ pub fn build_route(
             .map(|p| p.max_retries.0)
             .unwrap_or(u32::MAX);
         stack = BoxCloneSyncService::new(
-            RetryLayer::new(retry, max_retries, rng(ctx.seed, salt * 104_729)).layer(stack),
+            RetryLayer::new(
+                retry,
+                max_retries,
+                rng(ctx.seed, salt * 104_729),
+                RetryCounters {
+                    retries: counters.retries.clone(),
+                    budget_exhausted: counters.retry_budget_exhausted.clone(),
+                    overflow: counters.retry_overflow.clone(),
+                },
+            )
+            .layer(stack),
         );
     }
     if let Some(request) = timeouts.request {
@@ -500,12 +556,15 @@ pub fn build_route(
                 .key_header
                 .as_ref()
                 .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            limited: counters.ratelimited.clone(),
         });
     }
     if let Some(fault) = &policy.fault {
         stack = BoxCloneSyncService::new(Fault {
             inner: stack,
             injector: Arc::new(FaultInjector::new(fault, rng(ctx.seed, salt * 15_485_863))),
+            delays: counters.delays.clone(),
+            aborts: counters.aborts.clone(),
         });
     }
     stack

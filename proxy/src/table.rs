@@ -83,24 +83,33 @@ impl RouteTable {
             let routes = routes_of(service);
             let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
                 .map_err(|e| format!("service {}: {e}", service.authority()))?;
+            let label: Arc<str> = service.authority().into();
             let plans = routes
                 .iter()
                 .enumerate()
                 .map(|(i, route)| {
                     let policy = service.policy.overridden_by(&route.policy);
+                    let name: Arc<str> = route_name(route, i).into();
                     RoutePlan {
-                        name: route_name(route, i).into(),
+                        stack: stack::build_route(
+                            &resources,
+                            service,
+                            route,
+                            &policy,
+                            i,
+                            (&label, &name),
+                        ),
+                        name,
                         needs_client_addr: policy
                             .load_balancer
                             .as_ref()
                             .and_then(|lb| lb.hash_on.as_ref())
                             .is_some_and(|h| h.source_ip),
-                        stack: stack::build_route(&resources, service, route, &policy, i),
                     }
                 })
                 .collect();
             let target = Arc::new(Target {
-                label: service.authority().into(),
+                label,
                 router,
                 routes: plans,
             });

@@ -314,17 +314,30 @@ async fn header_canary_and_weighted_split() {
 }
 
 #[tokio::test]
-async fn no_matching_route_is_404_nr() {
+async fn no_matching_route_is_404_nr_and_the_access_log_says_so() {
     let cfg = config(&[service(
         "api",
         80,
         &[HTTP],
         "routes:\n  - matches: [{path: {value: /api}}]",
     )]);
-    let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;
+    let mesh = Mesh::start_with_config(&["--access-log"], &[], Some(&cfg)).await;
     assert_eq!(call(&mesh, "api.shop", "/api/items", &[]).await.0, 200);
     let (status, headers) = call(&mesh, "api.shop", "/other", &[]).await;
     assert_eq!((status.as_u16(), flags(&headers)), (404, "NR"));
+    let log = mesh.client.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("access") && l.contains("/other"))
+        .unwrap_or_else(|| panic!("no access log line for /other:\n{log}"));
+    for field in ["status=404", "NR", "api.shop:80", "method=GET"] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("access") && l.contains("/api/items") && l.contains("status=200")),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The load harness behind `benches/run`: the same HTTP/1.1 app called directly,
-//! through one sidecar (client pod outbound) and through two (client outbound, then
-//! server inbound), each in fresh pods with real iptables rules.
+//! through one sidecar (client pod outbound), through two (client outbound, then
+//! server inbound), and through two with a full policy stack on the client's route
+//! (route, timeouts, retry, breaker, rate limit, balancer with outlier detection),
+//! each in fresh pods with real iptables rules.
 //!
 //! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
@@ -66,10 +68,13 @@ struct Load {
 }
 
 /// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
-fn oha(pod: &Pod, target: SocketAddr, args: &[&str]) -> Load {
-    let output = pod
-        .command("taskset")
-        .args(["-c", "1", "oha", "--no-tui", "--output-format", "json"])
+fn oha(pod: &Pod, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
+    let mut command = pod.command("taskset");
+    command.args(["-c", "1", "oha", "--no-tui", "--output-format", "json"]);
+    if let Some(host) = host {
+        command.args(["-H", &format!("Host: {host}")]);
+    }
+    let output = command
         .args(args)
         .arg(format!("http://{target}/"))
         .output()
@@ -123,12 +128,41 @@ struct Row {
     rss_load: Vec<f64>,
 }
 
-async fn measure(setup: &'static str, sidecars_at: &[usize], rate: u64, seconds: u64) -> Row {
+/// The client sidecar's config for the policy row: one service with every stage of
+/// the stack on its route, none of which should trip (limits far above the load).
+const FULL_POLICY: &str = "services:
+  - name: bench
+    namespace: shop
+    port: 8080
+    endpoints: [{address: 198.18.0.3:8080}]
+    routes:
+      - matches: [{path: {value: /}}]
+        policy:
+          timeouts: {request: 10s, perTry: 5s}
+          retry: {attempts: 2, on: [connect-failure, reset, gateway-error]}
+          connectionPool: {maxConnections: 10000, maxRequests: 10000, maxPendingRequests: 10000}
+          rateLimit: {maxTokens: 4000000000, fillInterval: 1s}
+          loadBalancer: {type: P2CEwma}
+          outlierDetection: {}
+";
+
+struct Setup {
+    name: &'static str,
+    sidecars_at: &'static [usize],
+    client_config: Option<&'static str>,
+    host: Option<&'static str>,
+}
+
+async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     let net = Network::new(2);
     start_app(net.pod(1));
     let mut sidecars = Vec::new();
-    for &i in sidecars_at {
-        let sidecar = Sidecar::start(net.pod(i), Options::default()).await;
+    for &i in setup.sidecars_at {
+        let options = Options {
+            config: if i == 0 { setup.client_config } else { None },
+            ..Default::default()
+        };
+        let sidecar = Sidecar::start(net.pod(i), options).await;
         pin(sidecar.pid(), 0);
         sidecars.push(sidecar);
     }
@@ -138,9 +172,12 @@ async fn measure(setup: &'static str, sidecars_at: &[usize], rate: u64, seconds:
 
     // Warm up connections and pools, then let RSS settle.
     let warm = client.clone();
-    tokio::task::spawn_blocking(move || oha(&warm, target, &["-z", "2s", "-q", "500", "-c", "8"]))
-        .await
-        .unwrap();
+    let host = setup.host;
+    tokio::task::spawn_blocking(move || {
+        oha(&warm, target, host, &["-z", "2s", "-q", "500", "-c", "8"])
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
@@ -150,6 +187,7 @@ async fn measure(setup: &'static str, sidecars_at: &[usize], rate: u64, seconds:
         oha(
             &c,
             target,
+            host,
             &["-z", &d, "-q", &r, "-c", "8", "--latency-correction"],
         )
     })
@@ -163,12 +201,12 @@ async fn measure(setup: &'static str, sidecars_at: &[usize], rate: u64, seconds:
     let rss_load = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
     let (c, d) = (client.clone(), duration.clone());
-    let max = tokio::task::spawn_blocking(move || oha(&c, target, &["-z", &d, "-c", "32"]))
+    let max = tokio::task::spawn_blocking(move || oha(&c, target, host, &["-z", &d, "-c", "32"]))
         .await
         .unwrap();
     drop(sidecars);
     Row {
-        setup,
+        setup: setup.name,
         fixed,
         max,
         cpu_per_1000,
@@ -200,13 +238,35 @@ async fn main() {
         proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
     );
     let mut rows = Vec::new();
-    for (setup, sidecars) in [
-        ("direct", &[][..]),
-        ("one sidecar", &[0][..]),
-        ("two sidecars", &[0, 1][..]),
-    ] {
-        eprintln!("measuring {setup} ...");
-        rows.push(measure(setup, sidecars, rate, seconds).await);
+    let setups = [
+        Setup {
+            name: "direct",
+            sidecars_at: &[],
+            client_config: None,
+            host: None,
+        },
+        Setup {
+            name: "one sidecar",
+            sidecars_at: &[0],
+            client_config: None,
+            host: None,
+        },
+        Setup {
+            name: "two sidecars",
+            sidecars_at: &[0, 1],
+            client_config: None,
+            host: None,
+        },
+        Setup {
+            name: "two sidecars, full policy stack",
+            sidecars_at: &[0, 1],
+            client_config: Some(FULL_POLICY),
+            host: Some("bench.shop:8080"),
+        },
+    ];
+    for setup in &setups {
+        eprintln!("measuring {} ...", setup.name);
+        rows.push(measure(setup, rate, seconds).await);
     }
     let direct = (rows[0].fixed.p50_ms, rows[0].fixed.p99_ms);
     println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB |");
