@@ -168,7 +168,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let config = match &args.config {
-        Some(path) => Config::load(path)?,
+        Some(path) => trellis_proxy::config::load(path)?,
         None => Config::default(),
     };
     let settings = Settings {

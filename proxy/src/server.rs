@@ -156,7 +156,7 @@ async fn watch_config(path: PathBuf, every: Duration, table: table::SharedTable,
             continue;
         }
         seen = now;
-        let loaded = Config::load(&path)
+        let loaded = crate::config::load(&path)
             .map_err(|e| e.to_string())
             .and_then(|config| table::RouteTable::new(config, &pool));
         match loaded {

@@ -1,0 +1,14 @@
+//! What the control plane and the proxy share, and nothing else: the config model
+//! ([`model`]) and the discovery API that carries it ([`v1`]).
+
+pub mod model {
+    pub mod config;
+    pub mod duration;
+    pub mod policy;
+    pub mod resources;
+}
+
+/// The generated discovery API (`proto/trellis/v1/discovery.proto`).
+pub mod v1 {
+    tonic::include_proto!("trellis.v1");
+}

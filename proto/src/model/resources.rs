@@ -1,0 +1,141 @@
+//! The config model cut into named resources, as the discovery API carries it: one
+//! resource per service and one per inbound port, each the JSON of its model type.
+//! Resources are what change incrementally; a proxy reassembles and validates the
+//! whole config from them and names the resource and field when it refuses one.
+
+use super::config::{Config, InboundPort, Service};
+use std::collections::BTreeMap;
+
+/// `service/<namespace>/<name>/<port>`
+pub fn service_name(service: &Service) -> String {
+    format!(
+        "service/{}/{}/{}",
+        service.namespace, service.name, service.port
+    )
+}
+
+/// `inbound/<port>`
+pub fn inbound_name(port: &InboundPort) -> String {
+    format!("inbound/{}", port.port)
+}
+
+/// Every resource of `config`, by name, as JSON.
+pub fn to_resources(config: &Config) -> BTreeMap<String, Vec<u8>> {
+    let mut resources = BTreeMap::new();
+    for service in &config.services {
+        // Serialising plain data structures cannot fail.
+        if let Ok(json) = serde_json::to_vec(service) {
+            resources.insert(service_name(service), json);
+        }
+    }
+    for port in &config.inbound {
+        if let Ok(json) = serde_json::to_vec(port) {
+            resources.insert(inbound_name(port), json);
+        }
+    }
+    resources
+}
+
+/// A resource the proxy refuses: its name, the field and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{resource}: {path}: {message}")]
+pub struct ResourceError {
+    pub resource: String,
+    pub path: String,
+    pub message: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(name: &str, json: &[u8]) -> Result<T, ResourceError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| ResourceError {
+        resource: name.to_owned(),
+        path: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
+}
+
+/// Reassembles and validates a whole config from its resources.
+pub fn from_resources(resources: &BTreeMap<String, Vec<u8>>) -> Result<Config, ResourceError> {
+    let mut config = Config::default();
+    let mut service_names = Vec::new();
+    let mut inbound_names = Vec::new();
+    for (name, json) in resources {
+        if name.starts_with("service/") {
+            config.services.push(parse(name, json)?);
+            service_names.push(name.as_str());
+        } else if name.starts_with("inbound/") {
+            config.inbound.push(parse(name, json)?);
+            inbound_names.push(name.as_str());
+        } else {
+            return Err(ResourceError {
+                resource: name.clone(),
+                path: ".".into(),
+                message: "unknown kind of resource".into(),
+            });
+        }
+    }
+    config.validate().map_err(|(path, message)| {
+        // "services[3].routes[0]..." -> the resource of service 3, path "routes[0]...".
+        let (list, names) = if path.starts_with("inbound") {
+            ("inbound", &inbound_names)
+        } else {
+            ("services", &service_names)
+        };
+        let index = path
+            .strip_prefix(list)
+            .and_then(|rest| rest.strip_prefix('['))
+            .and_then(|rest| rest.split_once(']'));
+        match index.and_then(|(i, rest)| Some((names.get(i.parse::<usize>().ok()?)?, rest))) {
+            Some((resource, rest)) => ResourceError {
+                resource: (*resource).to_owned(),
+                path: rest.trim_start_matches('.').to_owned(),
+                message,
+            },
+            None => ResourceError {
+                resource: String::new(),
+                path,
+                message,
+            },
+        }
+    })?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_a_config_through_resources() {
+        let config = Config::parse("c", super::super::config::tests::ROUTED).unwrap();
+        let resources = to_resources(&config);
+        assert!(resources.contains_key("service/default/reviews/8080"));
+        let back = from_resources(&resources).unwrap();
+        assert_eq!(back.services.len(), config.services.len());
+        for service in &config.services {
+            assert!(back.services.contains(service));
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_named_with_its_field() {
+        let mut resources = BTreeMap::new();
+        resources.insert(
+            "service/shop/web/80".to_owned(),
+            br#"{"name":"web","namespace":"shop","port":80,"policy":{"retry":{"on":["sometimes"]}}}"#.to_vec(),
+        );
+        let err = from_resources(&resources).unwrap_err();
+        assert_eq!(err.resource, "service/shop/web/80");
+        assert_eq!(err.path, "policy.retry.on[0]");
+        assert!(err.message.contains("unknown variant"), "{err}");
+
+        // A reference to a service that is not there is named on the referring one.
+        resources.insert(
+            "service/shop/web/80".to_owned(),
+            br#"{"name":"web","namespace":"shop","port":80,"routes":[{"backends":[{"name":"ghost","port":80}]}]}"#.to_vec(),
+        );
+        let err = from_resources(&resources).unwrap_err();
+        assert_eq!(err.resource, "service/shop/web/80");
+        assert_eq!(err.path, "routes[0].backends[0].name");
+    }
+}
