@@ -22,8 +22,11 @@ use std::{
 use tokio::{net::TcpListener, sync::Notify};
 
 pub struct AdminState {
-    /// Set once the proxy serves traffic, cleared when it starts draining.
-    pub ready: AtomicBool,
+    /// Set once the listeners are bound, cleared when the proxy starts draining.
+    pub listening: AtomicBool,
+    /// Set once a config is in place (at once with a file; with a control plane,
+    /// when its first version has been applied).
+    pub config_loaded: AtomicBool,
     /// Wakes the main task when `POST /shutdown` arrives.
     pub shutdown: Notify,
     metrics: PrometheusHandle,
@@ -38,7 +41,8 @@ impl AdminState {
         settings: Arc<Settings>,
     ) -> Arc<Self> {
         Arc::new(AdminState {
-            ready: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            config_loaded: AtomicBool::new(false),
             shutdown: Notify::new(),
             metrics,
             table,
@@ -92,13 +96,18 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> 
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.listening.load(Ordering::Acquire) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: starting up or draining\n",
                 )
+            } else if !state.config_loaded.load(Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the first config from the control plane\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {

@@ -141,7 +141,10 @@ impl HttpProxy {
     async fn dispatch(&self, mut req: Req, labels: &mut Labels) -> Result<Rsp, Failure> {
         let table = self.shared.table.load_full();
         if self.shared.direction == Direction::Outbound {
-            if let Some(target) = authority(&req).and_then(|a| table.lookup(a)) {
+            // A service named by the authority, or dialled by its cluster IP.
+            let named = authority(&req).and_then(|a| table.lookup(a));
+            let dialled = || self.original_dst.and_then(|d| table.lookup_addr(&d));
+            if let Some(target) = named.or_else(dialled) {
                 labels.service = Some(target.label.clone());
                 let Some(route) = target.route(&req) else {
                     return Err(Failure::local(

@@ -14,6 +14,7 @@ pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod detect;
+pub mod discovery;
 pub mod duration;
 pub mod fault;
 pub mod http;

@@ -28,7 +28,7 @@ enum Command {
     /// Write the pod's iptables nat rules that redirect its TCP through the proxy.
     Init(InitArgs),
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args)]
@@ -73,8 +73,23 @@ enum LogFormat {
 struct RunArgs {
     /// Static config (services and their endpoints). Without it the proxy is a
     /// transparent passthrough.
-    #[arg(long, env = "TRELLIS_CONFIG")]
+    #[arg(long, env = "TRELLIS_CONFIG", conflicts_with = "control_plane")]
     config: Option<PathBuf>,
+    /// The control plane's discovery URL, e.g. http://trellis.trellis-system:15010.
+    /// Config then comes from it; the proxy is ready once the first version arrives.
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// This pod's name, namespace, service account, IP and node, as the injector sets them.
+    #[arg(long, env = "TRELLIS_POD_NAME", default_value = "")]
+    pod_name: String,
+    #[arg(long, env = "TRELLIS_POD_NAMESPACE", default_value = "default")]
+    pod_namespace: String,
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT", default_value = "default")]
+    service_account: String,
+    #[arg(long, env = "TRELLIS_POD_IP", default_value = "")]
+    pod_ip: String,
+    #[arg(long, env = "TRELLIS_NODE_NAME", default_value = "")]
+    node_name: String,
     #[arg(long, default_value = "0.0.0.0:15001")]
     outbound_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15006")]
@@ -110,7 +125,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(args) => init(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +188,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let settings = Settings {
         config_file: args.config,
+        control_plane: args.control_plane,
+        identity: trellis_proxy::discovery::Identity {
+            namespace: args.pod_namespace,
+            pod: args.pod_name,
+            service_account: args.service_account,
+            node: args.node_name,
+            pod_ip: args.pod_ip,
+        },
         outbound_addr: args.outbound_addr,
         inbound_addr: args.inbound_addr,
         admin_addr: args.admin_addr,

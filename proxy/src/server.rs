@@ -31,6 +31,10 @@ use tokio::net::{TcpListener, TcpStream};
 #[serde(rename_all = "camelCase")]
 pub struct Settings {
     pub config_file: Option<PathBuf>,
+    /// The control plane's discovery URL (dynamic mode), instead of a config file.
+    pub control_plane: Option<String>,
+    #[serde(skip)]
+    pub identity: crate::discovery::Identity,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -55,6 +59,8 @@ pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 930
 /// Everything a connection handler needs, shared by all of one listener's connections.
 struct Listener {
     direction: Direction,
+    /// True once a config is in place; connections wait for it (bounded).
+    loaded: tokio::sync::watch::Receiver<bool>,
     settings: Arc<Settings>,
     http: Arc<Shared>,
     h1: http1::Builder,
@@ -83,6 +89,18 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     let admin = AdminState::new(metrics, table.clone(), settings.clone());
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
 
+    let (loaded_tx, loaded) = tokio::sync::watch::channel(settings.control_plane.is_none());
+    if let Some(url) = settings.control_plane.clone() {
+        tokio::spawn(crate::discovery::run(
+            url,
+            settings.identity.clone(),
+            table.clone(),
+            pool.clone(),
+            loaded_tx,
+        ));
+    } else {
+        drop(loaded_tx);
+    }
     let (trigger, drain) = shutdown::channel();
     for (listener, direction) in [
         (outbound, Direction::Outbound),
@@ -90,6 +108,7 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     ] {
         let state = Arc::new(Listener {
             direction,
+            loaded: loaded.clone(),
             settings: settings.clone(),
             http: Arc::new(Shared {
                 direction,
@@ -119,7 +138,8 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
             pool.clone(),
         ));
     }
-    admin.ready.store(true, Ordering::Release);
+    admin.listening.store(true, Ordering::Release);
+    tokio::spawn(mark_loaded(loaded, admin.clone()));
     tracing::info!(
         outbound = %settings.outbound_addr,
         inbound = %settings.inbound_addr,
@@ -128,7 +148,7 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     );
 
     wait_for_shutdown(&admin).await;
-    admin.ready.store(false, Ordering::Release);
+    admin.listening.store(false, Ordering::Release);
     tracing::info!(timeout = ?settings.drain_timeout, "draining");
     if trigger.drain(settings.drain_timeout).await {
         tracing::info!("drained");
@@ -136,6 +156,13 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
         tracing::warn!("drain timeout passed with connections still open; exiting");
     }
     Ok(())
+}
+
+/// Tells the admin port once the first config is in place.
+async fn mark_loaded(mut loaded: tokio::sync::watch::Receiver<bool>, admin: Arc<AdminState>) {
+    if loaded.wait_for(|loaded| *loaded).await.is_ok() || *loaded.borrow() {
+        admin.config_loaded.store(true, Ordering::Release);
+    }
 }
 
 /// Reloads the config file when it changes. A file that does not load is reported
@@ -235,6 +262,21 @@ impl Drop for OpenGuard {
 
 async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, mut drain: Drain) {
     let _ = stream.set_nodelay(true);
+    if !*state.loaded.borrow() {
+        // Dynamic mode before the first config: hold the connection until it comes.
+        let mut loaded = state.loaded.clone();
+        let wait = loaded.wait_for(|loaded| *loaded);
+        if tokio::time::timeout(state.settings.connect_timeout, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                direction = state.direction.label(),
+                "no config from the control plane yet; closing"
+            );
+            return;
+        }
+    }
     let original_dst = original_dst(&stream);
     let direction = state.direction.label();
 

@@ -17,7 +17,14 @@ use crate::{
 use arc_swap::ArcSwap;
 use http::Request;
 use serde_json::json;
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 /// The DNS suffix of services inside the cluster.
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";
@@ -31,6 +38,9 @@ pub struct Target {
     pub label: Arc<str>,
     router: Router,
     routes: Vec<RoutePlan>,
+    /// The service's own endpoints, for opaque TCP sent to its cluster IP.
+    endpoints: Box<[SocketAddr]>,
+    next: AtomicUsize,
 }
 
 /// One route: its name for metrics and the stack its requests run through.
@@ -47,12 +57,24 @@ impl Target {
         let index = self.router.find(req.method(), req.uri(), req.headers())?;
         self.routes.get(index)
     }
+
+    /// An endpoint for an opaque connection, round robin (no policy applies to
+    /// bytes the proxy cannot read).
+    pub fn pick_endpoint(&self) -> Option<SocketAddr> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(self.endpoints[i % self.endpoints.len()])
+    }
 }
 
 /// Authorities (as clients write them) to targets, the inbound limits, and the
 /// config they came from.
 pub struct RouteTable {
     by_authority: HashMap<Box<str>, Arc<Target>>,
+    /// Services by cluster IP and port: what an unchanged client dials.
+    by_address: HashMap<SocketAddr, Arc<Target>>,
     inbound: HashMap<u16, RateLimiter>,
     pub config: Config,
 }
@@ -79,6 +101,7 @@ impl RouteTable {
             seed: None,
         };
         let mut by_authority = HashMap::new();
+        let mut by_address = HashMap::new();
         for service in &config.services {
             let routes = routes_of(service);
             let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
@@ -112,8 +135,13 @@ impl RouteTable {
                 label,
                 router,
                 routes: plans,
+                endpoints: service.endpoints.iter().map(|e| e.address).collect(),
+                next: AtomicUsize::new(0),
             });
             let port = service.port.get();
+            if let Some(ip) = service.cluster_ip {
+                by_address.insert(SocketAddr::new(ip, port), target.clone());
+            }
             let base = format!("{}.{}", service.name, service.namespace);
             for host in [
                 base.clone(),
@@ -136,6 +164,7 @@ impl RouteTable {
             .collect();
         Ok(RouteTable {
             by_authority,
+            by_address,
             inbound,
             config,
         })
@@ -152,6 +181,11 @@ impl RouteTable {
                 .get(authority.to_ascii_lowercase().as_str()),
             None => None,
         }
+    }
+
+    /// The service whose cluster IP and port a client dialled.
+    pub fn lookup_addr(&self, addr: &SocketAddr) -> Option<&Arc<Target>> {
+        self.by_address.get(addr)
     }
 
     /// The rate limit on calls to one of the pod's own ports.
@@ -181,6 +215,7 @@ impl RouteTable {
                     .collect();
                 json!({
                     "service": service.authority(),
+                    "clusterIP": service.cluster_ip,
                     "endpoints": service.endpoints,
                     "routes": routes,
                 })

@@ -4,6 +4,7 @@
 //! mesh ([`http`], [`grpc`]).
 
 pub mod apps;
+pub mod control_plane;
 pub mod grpc;
 pub mod http;
 pub mod mesh;

@@ -34,6 +34,17 @@ pub fn proxy_bin() -> PathBuf {
     built
 }
 
+/// The `trellis-control-plane` binary the build made, beside the proxy's.
+pub fn control_plane_bin() -> PathBuf {
+    let bin = proxy_bin().with_file_name("trellis-control-plane");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// The binary as uid 1337 can run it: in place when every directory above it is
 /// open to others, else a copy made once per test process (the build tree may sit
 /// where only root can enter).

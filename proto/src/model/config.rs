@@ -40,6 +40,10 @@ pub struct Service {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub port: NonZeroU16,
+    /// The service's virtual address; a proxy maps an original destination of
+    /// clusterIP:port to this service.
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<std::net::IpAddr>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
     /// How requests to this service are routed; none means one route to its own

@@ -1,0 +1,158 @@
+//! Local mode: a directory of the same YAML an operator would `kubectl apply`
+//! (Services, EndpointSlices, Pods, HTTPRoutes, TrafficPolicies, ServerPolicies),
+//! read again whenever a file in it changes.
+//!
+//! A document that does not parse as its kind is reported with its file, document
+//! number and field; the last version of that file that parsed stays in effect, so a
+//! bad edit changes nothing.
+
+use crate::{
+    crd::{ServerPolicy, TrafficPolicy},
+    hub::Hub,
+    translate::Objects,
+};
+use serde::de::DeserializeOwned;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+/// One file's objects, as last parsed without error.
+#[derive(Default, Clone)]
+struct FileObjects {
+    objects: Objects,
+}
+
+/// The errors of the last scan, by file, for the admin port.
+#[derive(Clone, Default)]
+pub struct FileErrors(pub Arc<Mutex<BTreeMap<String, String>>>);
+
+impl FileErrors {
+    pub fn list(&self) -> BTreeMap<String, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            out.push(path);
+        }
+    }
+}
+
+/// What the directory looks like, to notice changes cheaply.
+fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    files
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok();
+            (
+                p.clone(),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map(|m| m.len()).unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn parse_as<T: DeserializeOwned>(doc: serde_yaml_ng::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.into_inner())
+    })
+}
+
+/// Parses every document of one file; the error names the document and field.
+fn parse_file(path: &Path) -> Result<Objects, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut objects = Objects::default();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(document)
+            .map_err(|e| format!("document {}: {e}", index + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_owned();
+        let at = |e: String| format!("document {} ({kind}): {e}", index + 1);
+        match kind.as_str() {
+            "Service" => objects.services.push(parse_as(value).map_err(at)?),
+            "EndpointSlice" => objects.endpoint_slices.push(parse_as(value).map_err(at)?),
+            "Pod" => objects.pods.push(parse_as(value).map_err(at)?),
+            "HTTPRoute" => objects.http_routes.push(parse_as(value).map_err(at)?),
+            "TrafficPolicy" => objects
+                .traffic_policies
+                .push(parse_as::<TrafficPolicy>(value).map_err(at)?),
+            "ServerPolicy" => objects
+                .server_policies
+                .push(parse_as::<ServerPolicy>(value).map_err(at)?),
+            other => return Err(at(format!("kind {other:?} is not one Trellis reads"))),
+        }
+    }
+    Ok(objects)
+}
+
+fn merge(into: &mut Objects, from: &Objects) {
+    into.services.extend(from.services.iter().cloned());
+    into.endpoint_slices
+        .extend(from.endpoint_slices.iter().cloned());
+    into.pods.extend(from.pods.iter().cloned());
+    into.http_routes.extend(from.http_routes.iter().cloned());
+    into.traffic_policies
+        .extend(from.traffic_policies.iter().cloned());
+    into.server_policies
+        .extend(from.server_policies.iter().cloned());
+}
+
+/// Watches `dir` (polling every `every`) and reports each changed state to `hub`.
+pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) {
+    let mut last_good: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
+    let mut seen = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut files = Vec::new();
+        yaml_files(&dir, &mut files);
+        files.sort();
+        let now = fingerprint(&files);
+        if seen.as_ref() == Some(&now) {
+            continue;
+        }
+        seen = Some(now);
+        let mut file_errors = BTreeMap::new();
+        last_good.retain(|path, _| files.contains(path));
+        for path in &files {
+            match parse_file(path) {
+                Ok(objects) => {
+                    last_good.insert(path.clone(), FileObjects { objects });
+                }
+                Err(error) => {
+                    tracing::error!(file = %path.display(), %error, "file not applied; its last good version stays");
+                    file_errors.insert(path.display().to_string(), error);
+                }
+            }
+        }
+        *errors.0.lock().unwrap_or_else(|p| p.into_inner()) = file_errors;
+        let mut objects = Objects::default();
+        for file in last_good.values() {
+            merge(&mut objects, &file.objects);
+        }
+        hub.update(objects);
+    }
+}

@@ -1,0 +1,123 @@
+//! `trellis-control-plane`: watches a directory of YAML (local mode) and pushes
+//! each proxy its view of the mesh; `crds` prints the CustomResourceDefinitions.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use trellis_control_plane::{admin, hub::Hub, local, server};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-control-plane",
+    version,
+    about = "Trellis service-mesh control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Local mode: the directory of YAML to serve (Services, EndpointSlices, Pods,
+    /// HTTPRoutes, TrafficPolicies, ServerPolicies), re-read when it changes.
+    #[arg(long)]
+    local: Option<PathBuf>,
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    grpc_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    admin_addr: SocketAddr,
+    /// How long a burst of changes must be quiet before it is pushed.
+    #[arg(long, default_value = "100ms", value_parser = trellis_proto::model::duration::parse)]
+    debounce: Duration,
+    /// How often local mode checks the directory for changes.
+    #[arg(long, default_value = "200ms", value_parser = trellis_proto::model::duration::parse)]
+    poll: Duration,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print Trellis's CustomResourceDefinitions (TrafficPolicy, ServerPolicy).
+    Crds,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Crds) = cli.command {
+        print!("{}", trellis_control_plane::crd::crds_yaml());
+        return Ok(());
+    }
+    let Some(dir) = cli.local.clone() else {
+        anyhow::bail!("no source given: run with --local DIR (Kubernetes mode is not built yet)");
+    };
+    anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli, dir))
+}
+
+async fn run(cli: Cli, dir: PathBuf) -> anyhow::Result<()> {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .context("metric buckets")?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("metrics recorder")?;
+
+    let hub = Hub::start(cli.debounce, cli.debounce * 10);
+    let proxies = server::Proxies::default();
+    let file_errors = local::FileErrors::default();
+    tokio::spawn(local::watch(
+        dir.clone(),
+        cli.poll,
+        hub.clone(),
+        file_errors.clone(),
+    ));
+
+    let admin_listener = tokio::net::TcpListener::bind(cli.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind the admin port {}", cli.admin_addr))?;
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(admin::Admin {
+            hub: hub.clone(),
+            proxies: proxies.clone(),
+            file_errors,
+            metrics: handle,
+        }),
+    ));
+    let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_addr)
+        .await
+        .with_context(|| format!("cannot bind the gRPC port {}", cli.grpc_addr))?;
+    tracing::info!(dir = %dir.display(), grpc = %cli.grpc_addr, admin = %cli.admin_addr, "control plane started (local mode)");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(server::DiscoveryService::new(hub, proxies))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async {
+                tokio::select! { _ = shutdown => {}, _ = term => {} }
+            },
+        )
+        .await
+        .context("gRPC server")?;
+    Ok(())
+}

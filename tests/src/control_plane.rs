@@ -1,0 +1,131 @@
+//! A control plane in local mode, running in a pod of its own, serving a directory
+//! the test writes; sidecars in other pods connect to it.
+
+use crate::{http::get, netns::Pod, sidecar::control_plane_bin, TempDir};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const GRPC_PORT: u16 = 15010;
+pub const ADMIN_PORT: u16 = 15014;
+
+pub struct ControlPlane {
+    pub pod: Pod,
+    pub dir: TempDir,
+    child: Option<Child>,
+    logs: TempDir,
+    starts: usize,
+}
+
+impl ControlPlane {
+    /// Starts `trellis-control-plane --local <dir>` in `pod` with `files` written
+    /// into the directory first.
+    pub async fn start(pod: &Pod, files: &[(&str, &str)]) -> ControlPlane {
+        let dir = TempDir::new("mesh");
+        for (name, text) in files {
+            std::fs::write(dir.0.join(name), text).expect("write mesh file");
+        }
+        let mut cp = ControlPlane {
+            pod: pod.clone(),
+            dir,
+            child: None,
+            logs: TempDir::new("cp-logs"),
+            starts: 0,
+        };
+        cp.restart().await;
+        cp
+    }
+
+    /// The URL sidecars are given.
+    pub fn url(&self) -> String {
+        format!("http://{}:{GRPC_PORT}", self.pod.ip)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.logs.0.join("control-plane.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Writes (or replaces) one file of the served directory.
+    pub fn write(&self, name: &str, text: &str) {
+        // Write then rename, as an editor or `kubectl` would, so no half file is read.
+        let tmp = self.dir.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, self.dir.0.join(name)).expect("rename");
+    }
+
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.0.join(name)).expect("remove");
+    }
+
+    /// Kills the control plane at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) and waits until it has translated the directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open log");
+        let child = self
+            .pod
+            .command(control_plane_bin().to_str().unwrap())
+            .arg("--local")
+            .arg(&self.dir.0)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn trellis-control-plane");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((status, _, _)) = get(&self.pod, self.admin(), "/ready").await {
+                if status == 200 {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("control plane exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane not ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::from((self.pod.ip, ADMIN_PORT))
+    }
+
+    /// `GET <path>` on the admin port, as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, _, body) = get(&self.pod, self.admin(), path).await.expect("admin");
+        assert_eq!(status, 200, "{path}");
+        serde_json::from_slice(&body).expect("admin JSON")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
