@@ -258,6 +258,21 @@ pub fn crds_yaml() -> String {
 mod tests {
     use super::*;
 
+    /// The Helm chart installs the CRDs from a file; it must be what the types say.
+    #[test]
+    fn the_chart_holds_the_generated_crds() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/trellis/crds/trellis-policies.yaml"
+        );
+        let in_chart = std::fs::read_to_string(path).expect("read the chart's CRDs");
+        assert!(
+            in_chart == crds_yaml(),
+            "charts/trellis/crds/trellis-policies.yaml is out of date: regenerate it with \
+             `cargo run -p trellis-control-plane -- crds > charts/trellis/crds/trellis-policies.yaml`"
+        );
+    }
+
     #[test]
     fn crds_yaml_parses_and_names_both_kinds() {
         let text = crds_yaml();

@@ -1,133 +1,170 @@
-//! The local mesh demo: three pods (network namespaces) with sidecars behind real
-//! iptables rules. `frontend` calls the `web` and `api` services by name; afterwards
-//! the demo prints what each sidecar saw, read from its metrics.
+//! The local mesh demo: the control plane in local mode serving `examples/mesh`, and
+//! two pods (network namespaces) with sidecars behind real iptables rules. The
+//! `frontend` pod calls `reviews` by its cluster IP, as an unchanged client does;
+//! the demo then edits the HTTPRoute from a 90/10 canary to 0/100 and shows the
+//! traffic moving, then what each sidecar saw, read from its metrics.
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use trellis_tests::{
     apps,
-    http::{collect, get_with_host, h2_client},
-    netns::Network,
+    control_plane::ControlPlane,
+    http::{collect, send_h1},
+    netns::{Network, Pod},
     sidecar::{Options, Sidecar},
 };
 
-const REQUESTS: usize = 50;
+const REQUESTS: usize = 200;
+const REVIEWS: &str = "198.19.0.10:80";
+
+fn example(name: &str) -> String {
+    let path = format!("{}/../examples/mesh/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"))
+}
+
+async fn sidecar(pod: &Pod, cp: &ControlPlane, name: &str) -> Sidecar {
+    let (url, ip) = (cp.url(), pod.ip.to_string());
+    let args = [
+        "--control-plane",
+        &url,
+        "--pod-name",
+        name,
+        "--pod-namespace",
+        "shop",
+        "--pod-ip",
+        &ip,
+    ];
+    Sidecar::start(
+        pod,
+        Options {
+            run_args: &args,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Calls `reviews` `REQUESTS` times and counts which version answered.
+async fn traffic(frontend: &Pod) -> BTreeMap<String, usize> {
+    let addr: SocketAddr = REVIEWS.parse().unwrap();
+    let mut counts = BTreeMap::new();
+    for _ in 0..REQUESTS {
+        let req = Request::get("/")
+            .header("host", "reviews.shop")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let served = match send_h1(frontend, addr, req).await {
+            Ok(response) => {
+                let (status, headers, _) = collect(response).await.expect("read reviews");
+                match headers.get("x-app") {
+                    Some(app) => app.to_str().unwrap_or("?").to_owned(),
+                    None => format!("proxy {status}"),
+                }
+            }
+            Err(e) => format!("failed: {e}"),
+        };
+        *counts.entry(served).or_default() += 1;
+    }
+    counts
+}
+
+fn show(counts: &BTreeMap<String, usize>) {
+    for (version, count) in counts {
+        let bar = "#".repeat(count * 40 / REQUESTS);
+        println!("    {version:<12} {count:>4}  {bar}");
+    }
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let net = Network::new(3);
-    let (frontend, web, api) = (net.pod(0), net.pod(1), net.pod(2));
+    let (frontend, reviews, control) = (net.pod(0), net.pod(1), net.pod(2));
     println!(
-        "pods (network namespaces): frontend {}, web {}, api {}",
-        frontend.ip, web.ip, api.ip
+        "pods (network namespaces): frontend {}, reviews {}, control plane {}",
+        frontend.ip, reviews.ip, control.ip
     );
-
     let _apps = [
-        apps::http_app(web.listen(8080), "web"),
-        apps::http_app(api.listen(9090), "api-1"),
-        apps::http_app(api.listen(9091), "api-2"),
+        apps::http_app(reviews.listen(8080), "reviews-v1"),
+        apps::http_app(reviews.listen(8081), "reviews-v2"),
     ];
-    let config = format!(
-        "services:
-  - name: web
-    namespace: demo
-    port: 8080
-    endpoints: [{{address: {web}:8080}}]
-  - name: api
-    namespace: demo
-    port: 9090
-    endpoints: [{{address: {api}:9090}}, {{address: {api}:9091}}]
-",
-        web = web.ip,
-        api = api.ip
-    );
-    let web_sidecar = Sidecar::start(web, Options::default()).await;
-    let api_sidecar = Sidecar::start(api, Options::default()).await;
-    let frontend_sidecar = Sidecar::start(
-        frontend,
-        Options {
-            config: Some(&config),
-            ..Default::default()
-        },
-    )
-    .await;
+    let files = [
+        ("services.yaml", example("services.yaml")),
+        ("route.yaml", example("route.yaml")),
+        ("policy.yaml", example("policy.yaml")),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let cp = ControlPlane::start(control, &refs).await;
     println!(
-        "sidecars ready; frontend's sidecar knows web.demo:8080 and api.demo:9090 (2 endpoints)\n"
+        "control plane (local mode) serving examples/mesh at {}",
+        cp.url()
     );
+    let reviews_sidecar = sidecar(reviews, &cp, "reviews").await;
+    let frontend_sidecar = sidecar(frontend, &cp, "frontend").await;
+    println!("sidecars ready: both have their first config from the control plane\n");
 
-    // The frontend dials the pod address it has and names the service in Host, as
-    // an application resolving a service name would; its sidecar does the rest.
-    let mut served_by: BTreeMap<String, usize> = BTreeMap::new();
-    let web_addr = SocketAddr::from((web.ip, 8080));
-    for _ in 0..REQUESTS {
-        let (_, headers, _) = get_with_host(frontend, web_addr, "/", "web.demo:8080")
-            .await
-            .expect("call web");
-        *served_by.entry(app_name(&headers)).or_default() += 1;
-    }
-    // The api is called over HTTP/2 (h2c), many streams on one connection.
-    let api_addr = SocketAddr::from((api.ip, 9090));
-    let h2 = h2_client(frontend, api_addr).await.expect("connect to api");
-    for i in 0..REQUESTS {
-        let path = if i % 10 == 9 { "/status/503" } else { "/" };
-        let req = Request::get(format!("http://api.demo:9090{path}"))
-            .version(http::Version::HTTP_2)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let (_, headers, _) = collect(h2.clone().send_request(req).await.expect("call api"))
-            .await
-            .expect("read api");
-        *served_by.entry(app_name(&headers)).or_default() += 1;
-    }
+    println!("frontend calls reviews ({REVIEWS}) {REQUESTS} times, HTTPRoute weights 90/10:");
+    show(&traffic(frontend).await);
 
-    println!("frontend -> services, as the frontend's sidecar (outbound) counted them:");
+    println!("\nediting route.yaml: weights 0/100 ...");
+    cp.write(
+        "route.yaml",
+        &example("route.yaml")
+            .replace("weight: 90", "weight: 0")
+            .replace("weight: 10", "weight: 100"),
+    );
+    // Wait (bounded) until both sidecars acknowledged a newer version.
+    let before = cp.admin_json("/proxies").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = cp.admin_json("/proxies").await;
+        let acked: Vec<_> = now["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["ackedVersion"].clone())
+            .collect();
+        let old: Vec<_> = before["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["ackedVersion"].clone())
+            .collect();
+        if acked.len() == 2 && acked.iter().all(|v| !old.contains(v)) {
+            println!("both sidecars acknowledged version {}", acked[0]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sidecars never acknowledged the change: {now}"
+        );
+    }
+    println!("frontend calls reviews {REQUESTS} times again:");
+    show(&traffic(frontend).await);
+
+    println!("\nwhat the sidecars saw (from their /metrics):");
     let outbound = frontend_sidecar.metrics().await;
-    println!(
-        "  {:<18} {:>8} {:>6} {:>6} {:>12}",
-        "service", "requests", "2xx", "5xx", "mean latency"
-    );
-    for service in ["web.demo:8080", "api.demo:9090"] {
-        let labels = [("direction", "outbound"), ("service", service)];
-        let total = outbound.sum("trellis_requests_total", &labels);
-        let ok = outbound.sum(
+    for backend in ["reviews-v1.shop:80", "reviews-v2.shop:80"] {
+        let count = outbound.sum(
             "trellis_requests_total",
-            &[labels[0], labels[1], ("code", "200")],
+            &[("direction", "outbound"), ("backend", backend)],
         );
-        let failed = outbound.sum(
-            "trellis_requests_total",
-            &[labels[0], labels[1], ("code", "503")],
-        );
-        let seconds = outbound.sum("trellis_request_duration_seconds_sum", &labels);
-        let count = outbound.sum("trellis_request_duration_seconds_count", &labels);
-        let mean_ms = if count > 0.0 {
+        println!("  frontend sidecar, outbound to {backend:<20} {count:>5}");
+    }
+    let labels = [("direction", "outbound"), ("service", "reviews.shop:80")];
+    let seconds = outbound.sum("trellis_request_duration_seconds_sum", &labels);
+    let count = outbound.sum("trellis_request_duration_seconds_count", &labels);
+    if count > 0.0 {
+        println!(
+            "  frontend sidecar, mean latency to reviews  {:.2} ms",
             seconds / count * 1000.0
-        } else {
-            0.0
-        };
-        println!("  {service:<18} {total:>8} {ok:>6} {failed:>6} {mean_ms:>9.2} ms");
+        );
     }
-    println!("\nrequests each server pod's sidecar (inbound) received:");
-    for (pod, sidecar) in [("web", &web_sidecar), ("api", &api_sidecar)] {
-        let received = sidecar
-            .metrics()
-            .await
-            .sum("trellis_requests_total", &[("direction", "inbound")]);
-        println!("  {pod:<18} {received:>8}");
-    }
-    println!(
-        "\nresponses by the app instance that served them (round robin across api's endpoints):"
-    );
-    for (app, count) in &served_by {
-        println!("  {app:<18} {count:>8}");
-    }
-}
-
-fn app_name(headers: &http::HeaderMap) -> String {
-    headers
-        .get("x-app")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("(proxy)")
-        .to_owned()
+    let inbound = reviews_sidecar
+        .metrics()
+        .await
+        .sum("trellis_requests_total", &[("direction", "inbound")]);
+    println!("  reviews sidecar, inbound requests            {inbound:>5}");
 }
