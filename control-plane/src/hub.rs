@@ -7,30 +7,77 @@
 //! translates (Accepted=False) is replaced by its last accepted version, so what
 //! was good before stays while the status says what is wrong.
 
-use crate::translate::{self, ObjectStatus, Objects, Translation};
+use crate::translate::{self, InboundIndex, ObjectStatus, Objects, Translation};
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 use tokio::sync::{mpsc, watch};
-use trellis_proto::model::{config::Config, resources};
+use trellis_proto::model::resources;
 
-/// A proxy's resources by name, as JSON.
-pub type Resources = BTreeMap<String, Vec<u8>>;
+/// One resource's JSON, shared (unchanged resources keep the same allocation from
+/// snapshot to snapshot, so comparing them is a pointer check).
+pub type Json = Arc<[u8]>;
+
+/// Resources by name.
+pub type Resources = BTreeMap<String, Json>;
+
+/// What one proxy should have: the mesh (shared by every proxy) and its pod's
+/// inbound limits.
+#[derive(Clone)]
+pub struct View {
+    pub mesh: Arc<Resources>,
+    pub inbound: Resources,
+}
+
+impl View {
+    pub fn len(&self) -> usize {
+        self.mesh.len() + self.inbound.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Json)> {
+        self.mesh.iter().chain(self.inbound.iter())
+    }
+
+    /// What changed from `before` to `self`: resources added or changed, and the
+    /// names of those removed.
+    pub fn diff<'a>(&'a self, before: &View) -> (Vec<(&'a String, &'a Json)>, Vec<String>) {
+        fn same(a: &Json, b: &Json) -> bool {
+            Arc::ptr_eq(a, b) || a[..] == b[..]
+        }
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        let mut compare = |now: &'a Resources, then: &Resources| {
+            for (name, json) in now {
+                if !then.get(name).is_some_and(|old| same(old, json)) {
+                    changed.push((name, json));
+                }
+            }
+            removed.extend(then.keys().filter(|n| !now.contains_key(*n)).cloned());
+        };
+        if !Arc::ptr_eq(&self.mesh, &before.mesh) {
+            compare(&self.mesh, &before.mesh);
+        }
+        compare(&self.inbound, &before.inbound);
+        (changed, removed)
+    }
+}
 
 /// One translated state of the mesh.
 pub struct Snapshot {
     pub version: u64,
     pub objects: Arc<Objects>,
     pub translation: Translation,
-    /// The mesh's resources, computed once and shared by every proxy whose view is
-    /// the whole mesh.
-    pub mesh_resources: Resources,
+    /// The mesh's resources, computed once and shared by every proxy.
+    pub mesh: Arc<Resources>,
+    inbound: InboundIndex,
     /// When the change that led here was first seen, for convergence time.
     pub changed_at: Instant,
-    /// Views already computed, by (namespace, pod, pod IP).
-    views: Mutex<HashMap<(String, String, String), Arc<Resources>>>,
 }
 
 impl Snapshot {
@@ -39,42 +86,46 @@ impl Snapshot {
         objects: Arc<Objects>,
         translation: Translation,
         changed_at: Instant,
+        previous: Option<&Snapshot>,
     ) -> Snapshot {
-        let mesh_resources = resources::to_resources(&translation.mesh);
+        let mesh = resources::to_resources(&translation.mesh)
+            .into_iter()
+            .map(|(name, json)| {
+                // Keep the previous allocation for a resource that did not change.
+                let kept = previous
+                    .and_then(|p| p.mesh.get(&name))
+                    .filter(|old| old[..] == json[..])
+                    .cloned();
+                let json = kept.unwrap_or_else(|| Arc::from(json));
+                (name, json)
+            })
+            .collect();
+        let inbound = InboundIndex::new(&objects);
         Snapshot {
             version,
             objects,
             translation,
-            mesh_resources,
+            mesh: Arc::new(mesh),
+            inbound,
             changed_at,
-            views: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The resources one proxy should have: the mesh, plus its pod's inbound policy.
-    pub fn view(&self, namespace: &str, pod: &str, pod_ip: &str) -> Arc<Resources> {
-        let key = (namespace.to_owned(), pod.to_owned(), pod_ip.to_owned());
-        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = views.get(&key) {
-            return view.clone();
+    /// The resources one proxy should have.
+    pub fn view(&self, namespace: &str, pod: &str, pod_ip: &str) -> View {
+        let inbound = self
+            .inbound
+            .for_pod(namespace, pod, pod_ip)
+            .iter()
+            .filter_map(|port| {
+                let json = serde_json::to_vec(port).ok()?;
+                Some((resources::inbound_name(port), Arc::from(json)))
+            })
+            .collect();
+        View {
+            mesh: self.mesh.clone(),
+            inbound,
         }
-        let config: Config = translate::view(
-            &self.translation,
-            &self.objects,
-            namespace,
-            pod,
-            pod_ip,
-            None,
-        );
-        let mut resources = self.mesh_resources.clone();
-        for port in &config.inbound {
-            if let Ok(json) = serde_json::to_vec(port) {
-                resources.insert(resources::inbound_name(port), json);
-            }
-        }
-        let view = Arc::new(resources);
-        views.insert(key, view.clone());
-        view
     }
 
     pub fn statuses(&self) -> &[ObjectStatus] {
@@ -138,7 +189,14 @@ impl Hub {
                     );
                 }
                 metrics::counter!("trellis_cp_translations_total").increment(1);
-                let snapshot = Snapshot::new(version, Arc::new(objects), translation, first_seen);
+                let previous = publish.borrow().clone();
+                let snapshot = Snapshot::new(
+                    version,
+                    Arc::new(objects),
+                    translation,
+                    first_seen,
+                    previous.as_deref(),
+                );
                 publish.send_replace(Some(Arc::new(snapshot)));
             }
         });
@@ -276,5 +334,49 @@ impl LastAccepted {
         self.routes
             .retain(|id, _| objects.http_routes.iter().any(|r| key(&r.metadata) == *id));
         (objects, translation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> Json {
+        Arc::from(text.as_bytes())
+    }
+
+    #[test]
+    fn a_view_diff_sends_only_what_changed() {
+        let shared = json("{\"a\":1}");
+        let mesh: Resources = [
+            ("service/x/a/80".to_owned(), shared.clone()),
+            ("service/x/b/80".to_owned(), json("{\"b\":1}")),
+        ]
+        .into();
+        let before = View {
+            mesh: Arc::new(mesh.clone()),
+            inbound: [("inbound/8080".to_owned(), json("{}"))].into(),
+        };
+        // Same mesh object, same inbound: nothing to send.
+        let same = View {
+            mesh: before.mesh.clone(),
+            inbound: before.inbound.clone(),
+        };
+        let (changed, removed) = same.diff(&before);
+        assert!(changed.is_empty() && removed.is_empty());
+
+        // A new mesh map: b changed (by value), c added, the inbound port gone.
+        let mut next = mesh;
+        next.insert("service/x/b/80".to_owned(), json("{\"b\":2}"));
+        next.insert("service/x/c/80".to_owned(), json("{\"c\":1}"));
+        let after = View {
+            mesh: Arc::new(next),
+            inbound: Resources::new(),
+        };
+        let (changed, removed) = after.diff(&before);
+        let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["service/x/b/80", "service/x/c/80"]);
+        assert_eq!(removed, ["inbound/8080"]);
+        assert_eq!(after.len(), 3);
     }
 }

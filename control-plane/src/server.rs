@@ -3,7 +3,7 @@
 //! went away, and a proxy whose view did not change is sent nothing. Every version
 //! is answered with an ACK or a NACK, which the per-proxy status records.
 
-use crate::hub::{Hub, Resources, Snapshot};
+use crate::hub::{Hub, Snapshot, View};
 use serde::Serialize;
 use std::{
     collections::HashMap,
@@ -129,7 +129,7 @@ async fn serve(
     proxies: Proxies,
 ) {
     let mut snapshots = hub.snapshots();
-    let mut sent: Option<Arc<Resources>> = None;
+    let mut sent: Option<View> = None;
     let mut in_flight: HashMap<String, (u64, Instant)> = HashMap::new();
     let mut nonce = 0u64;
     loop {
@@ -167,22 +167,14 @@ async fn serve(
 fn next_response(
     snapshot: &Snapshot,
     node: &Node,
-    sent: &mut Option<Arc<Resources>>,
+    sent: &mut Option<View>,
     nonce: &mut u64,
 ) -> Option<DiscoveryResponse> {
     let view = snapshot.view(&node.namespace, &node.pod, &node.pod_ip);
-    let (full, resources, removed) = match sent.as_deref() {
+    let (full, resources, removed) = match sent.as_ref() {
         None => (true, view.iter().collect::<Vec<_>>(), Vec::new()),
         Some(before) => {
-            let changed: Vec<_> = view
-                .iter()
-                .filter(|(name, json)| before.get(*name) != Some(json))
-                .collect();
-            let removed: Vec<String> = before
-                .keys()
-                .filter(|name| !view.contains_key(*name))
-                .cloned()
-                .collect();
+            let (changed, removed) = view.diff(before);
             if changed.is_empty() && removed.is_empty() {
                 return None;
             }
@@ -198,7 +190,7 @@ fn next_response(
             .into_iter()
             .map(|(name, json)| Resource {
                 name: name.clone(),
-                json: json.clone(),
+                json: json.to_vec(),
             })
             .collect(),
         removed,

@@ -378,6 +378,94 @@ fn reachable(services: &[model::Service], namespaces: &[String]) -> Vec<model::S
 /// A last line of defence: the checks above should make every translated config
 /// valid; if one is not (a bug), the offending service or inbound port is dropped
 /// and logged rather than sending proxies a config they would refuse.
+/// Who gets which inbound limits, computed once per snapshot so that a proxy's view
+/// costs a few lookups rather than a pass over every object.
+#[derive(Debug, Default)]
+pub struct InboundIndex {
+    /// Per pod (by `namespace/name` of the endpoints' targetRef, or by IP): pod
+    /// port -> (rule precedence, limit).
+    by_pod: HashMap<String, BTreeMap<NonZeroU16, (usize, RateLimit)>>,
+}
+
+impl InboundIndex {
+    pub fn new(objects: &Objects) -> InboundIndex {
+        let index = Index::new(objects);
+        let (rules, _) = server_policies(objects, &index);
+        let mut by_pod: HashMap<String, BTreeMap<NonZeroU16, (usize, RateLimit)>> = HashMap::new();
+        for (precedence, rule) in rules.iter().enumerate() {
+            let Some(service) = index.services.get(&rule.service) else {
+                continue;
+            };
+            for port in service
+                .ports
+                .iter()
+                .filter(|p| rule.ports.contains(&p.port))
+            {
+                for slice in &service.slices {
+                    let Some(pod_port) = slice_port(slice, port) else {
+                        continue;
+                    };
+                    let slice_namespace = namespace_of(&slice.metadata);
+                    for endpoint in &slice.endpoints {
+                        let mut keys: Vec<String> = endpoint
+                            .addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<IpAddr>().ok())
+                            .map(|ip| format!("ip/{ip}"))
+                            .collect();
+                        if let Some(pod) = endpoint
+                            .target_ref
+                            .as_ref()
+                            .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        {
+                            let namespace = pod
+                                .namespace
+                                .clone()
+                                .unwrap_or_else(|| slice_namespace.clone());
+                            keys.push(format!(
+                                "pod/{namespace}/{}",
+                                pod.name.as_deref().unwrap_or("")
+                            ));
+                        }
+                        for key in keys {
+                            by_pod
+                                .entry(key)
+                                .or_default()
+                                .entry(pod_port)
+                                .or_insert_with(|| (precedence, rule.rate_limit.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        InboundIndex { by_pod }
+    }
+
+    /// The inbound limits of one pod, as `view` computes them.
+    pub fn for_pod(&self, namespace: &str, pod: &str, pod_ip: &str) -> Vec<model::InboundPort> {
+        let mut ports: BTreeMap<NonZeroU16, (usize, RateLimit)> = BTreeMap::new();
+        let mut keys = vec![format!("pod/{namespace}/{pod}")];
+        if let Ok(ip) = pod_ip.trim().parse::<IpAddr>() {
+            keys.push(format!("ip/{ip}"));
+        }
+        for key in keys {
+            for (port, (precedence, limit)) in self.by_pod.get(&key).into_iter().flatten() {
+                let keep = ports.get(port).is_none_or(|(p, _)| precedence < p);
+                if keep {
+                    ports.insert(*port, (*precedence, limit.clone()));
+                }
+            }
+        }
+        ports
+            .into_iter()
+            .map(|(port, (_, limit))| model::InboundPort {
+                port,
+                rate_limit: Some(limit),
+            })
+            .collect()
+    }
+}
+
 fn guard(config: &mut Config) {
     for _ in 0..=config.services.len() + config.inbound.len() {
         let Err((path, message)) = config.validate() else {
@@ -2180,6 +2268,22 @@ spec:
         assert_valid(&other);
         assert!(other.inbound.is_empty());
         assert_eq!(other.services, t.mesh.services);
+
+        // The per-snapshot index gives every pod the same inbound limits as `view`.
+        let index = InboundIndex::new(&objects);
+        for (namespace, pod, ip) in [
+            ("shop", "reviews-v1-0", ""),
+            ("shop", "renamed", "198.18.0.3"),
+            ("shop", "reviews-v2-1", "198.18.0.4"),
+            ("web", "productpage-0", "198.18.1.2"),
+        ] {
+            let expected = view(&t, &objects, namespace, pod, ip, None).inbound;
+            assert_eq!(
+                index.for_pod(namespace, pod, ip),
+                expected,
+                "{namespace}/{pod}"
+            );
+        }
 
         // Bad values and ports are refused with the field named, and add nothing.
         let bad = translate(&self::objects(&format!(
