@@ -142,13 +142,20 @@ pub struct ServerPolicySpec {
     pub unknown: BTreeMap<String, Value>,
 }
 
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
+}
+
 /// A reference to an object in the policy's own namespace (Gateway API's
 /// `LocalPolicyTargetReferenceWithSectionName`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
     /// `""` (or `core`) for a Service, `gateway.networking.k8s.io` for an HTTPRoute.
+    /// Absent means `""`; the schema states no default, which some API servers
+    /// (1.20) refuse for an empty string.
     #[serde(default)]
+    #[schemars(transform = no_default)]
     pub group: String,
     /// `Service` or `HTTPRoute`.
     pub kind: String,

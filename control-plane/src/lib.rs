@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod crd;
 pub mod hub;
+pub mod kube_source;
 pub mod local;
 pub mod server;
 pub mod translate;

@@ -1,10 +1,11 @@
-//! `trellis-control-plane`: watches a directory of YAML (local mode) and pushes
-//! each proxy its view of the mesh; `crds` prints the CustomResourceDefinitions.
+//! `trellis-control-plane`: watches the Kubernetes API (or, in local mode, a
+//! directory of YAML) and pushes each proxy its view of the mesh; `crds` prints the
+//! CustomResourceDefinitions.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-use trellis_control_plane::{admin, hub::Hub, local, server};
+use trellis_control_plane::{admin, hub::Hub, kube_source, local, server};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +18,8 @@ struct Cli {
     command: Option<Command>,
     /// Local mode: the directory of YAML to serve (Services, EndpointSlices, Pods,
     /// HTTPRoutes, TrafficPolicies, ServerPolicies), re-read when it changes.
+    /// Without it, the same kinds are watched through the Kubernetes API (in-cluster
+    /// config, or KUBECONFIG).
     #[arg(long)]
     local: Option<PathBuf>,
     #[arg(long, default_value = "0.0.0.0:15010")]
@@ -43,10 +46,9 @@ fn main() -> anyhow::Result<()> {
         print!("{}", trellis_control_plane::crd::crds_yaml());
         return Ok(());
     }
-    let Some(dir) = cli.local.clone() else {
-        anyhow::bail!("no source given: run with --local DIR (Kubernetes mode is not built yet)");
-    };
-    anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
+    if let Some(dir) = &cli.local {
+        anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -60,10 +62,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli, dir))
+    runtime.block_on(run(cli))
 }
 
-async fn run(cli: Cli, dir: PathBuf) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -76,12 +78,24 @@ async fn run(cli: Cli, dir: PathBuf) -> anyhow::Result<()> {
     let hub = Hub::start(cli.debounce, cli.debounce * 10);
     let proxies = server::Proxies::default();
     let file_errors = local::FileErrors::default();
-    tokio::spawn(local::watch(
-        dir.clone(),
-        cli.poll,
-        hub.clone(),
-        file_errors.clone(),
-    ));
+    let source = match &cli.local {
+        Some(dir) => {
+            tokio::spawn(local::watch(
+                dir.clone(),
+                cli.poll,
+                hub.clone(),
+                file_errors.clone(),
+            ));
+            format!("local directory {}", dir.display())
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes mode: cannot configure a client (in-cluster config or KUBECONFIG); use --local DIR for local mode")?;
+            tokio::spawn(kube_source::run(client, hub.clone()));
+            "Kubernetes API".to_owned()
+        }
+    };
 
     let admin_listener = tokio::net::TcpListener::bind(cli.admin_addr)
         .await
@@ -98,7 +112,7 @@ async fn run(cli: Cli, dir: PathBuf) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_addr)
         .await
         .with_context(|| format!("cannot bind the gRPC port {}", cli.grpc_addr))?;
-    tracing::info!(dir = %dir.display(), grpc = %cli.grpc_addr, admin = %cli.admin_addr, "control plane started (local mode)");
+    tracing::info!(%source, grpc = %cli.grpc_addr, admin = %cli.admin_addr, "control plane started");
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

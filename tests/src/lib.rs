@@ -1,12 +1,14 @@
 //! End-to-end harness for Trellis: pods as network namespaces ([`netns`]), real
 //! sidecars written by `trellis-proxy init` and run as uid 1337 ([`sidecar`]), the
 //! applications that run in the pods ([`apps`]) and clients that know nothing of the
-//! mesh ([`http`], [`grpc`]).
+//! mesh ([`http`], [`grpc`]); a real Kubernetes API server with the control plane
+//! and a proxy as processes beside it ([`kube`]).
 
 pub mod apps;
 pub mod control_plane;
 pub mod grpc;
 pub mod http;
+pub mod kube;
 pub mod mesh;
 pub mod netns;
 pub mod prom;

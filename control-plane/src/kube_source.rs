@@ -1,0 +1,598 @@
+//! Kubernetes mode: the same kinds local mode reads from files (Services,
+//! EndpointSlices, Pods, HTTPRoutes, TrafficPolicies, ServerPolicies), watched in
+//! every namespace through the API server, and the status the translation gives
+//! each TrafficPolicy, ServerPolicy and HTTPRoute written back to it.
+//!
+//! Each kind has a kube-rs watcher feeding a reflector store, with kube's default
+//! backoff between errors. A watcher resumes from the last resourceVersion it saw
+//! and relists when that is too old (410 Gone), and a restarted control plane
+//! lists everything afresh, so no change is lost across errors or restarts.
+//!
+//! Whenever a store changes, the stores are read into one [`Objects`] and handed to
+//! the [`Hub`] (which coalesces bursts). Nothing is reported until every kind has
+//! listed once (or is known not to be served), so a restarting control plane never
+//! pushes a half-listed mesh. A kind the API server does not serve (404: an API
+//! version it does not have, as EndpointSlice v1 on Kubernetes 1.20, or a CRD that
+//! is not installed) or that the control plane may not read (403) is logged once
+//! and counted as empty; its watcher keeps retrying with backoff and the kind takes
+//! part as soon as it is served.
+//!
+//! Status: after each snapshot, every TrafficPolicy and ServerPolicy gets
+//! `status.conditions` and every HTTPRoute with a Service parent gets one entry per
+//! Service parentRef in `status.parents` (with `controllerName:
+//! trellis.dev/control-plane`; other controllers' entries are kept), each by a JSON
+//! merge patch on the `/status` subresource, and only when the conditions changed.
+//! A condition keeps its `lastTransitionTime` while its status stays the same.
+
+use crate::{
+    crd::{ServerPolicy, TrafficPolicy},
+    hub::{Hub, Snapshot},
+    translate::{self, ObjectStatus, Objects},
+};
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{
+        reflector::{self, ObjectRef, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client, Resource, ResourceExt,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    sync::{Arc, Mutex},
+};
+use tokio::sync::Notify;
+use tokio_stream::StreamExt;
+
+/// The `controllerName` Trellis writes in an HTTPRoute's `status.parents`.
+pub const CONTROLLER_NAME: &str = "trellis.dev/control-plane";
+
+/// Where one kind's watcher stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Not listed yet.
+    Pending,
+    /// Listed; the store holds the kind's objects.
+    Listed,
+    /// The API server does not serve the kind (or forbids it): counted as empty.
+    NotServed,
+}
+
+/// One watched kind: its reflector store and its phase.
+struct Watched<K: Resource<DynamicType = ()> + Clone + 'static> {
+    kind: &'static str,
+    store: Store<K>,
+    phase: Arc<Mutex<Phase>>,
+}
+
+impl<K> Watched<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    /// Starts watching `K` in every namespace; `changed` is notified whenever the
+    /// store or the phase changes.
+    fn start(client: &Client, kind: &'static str, changed: Arc<Notify>) -> Watched<K> {
+        let (store, writer) = reflector::store::<K>();
+        let phase = Arc::new(Mutex::new(Phase::Pending));
+        let api: Api<K> = Api::all(client.clone());
+        let stream = watcher(api, watcher::Config::default())
+            .modify(|object| object.managed_fields_mut().clear())
+            .default_backoff()
+            .reflect(writer);
+        let task_phase = phase.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            // Whether the last error was "not served" (so it is logged once).
+            let mut not_served_logged = false;
+            while let Some(event) = stream.next().await {
+                let set = |to: Phase| {
+                    let mut phase = task_phase.lock().unwrap_or_else(|p| p.into_inner());
+                    std::mem::replace(&mut *phase, to)
+                };
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        let before = set(Phase::Listed);
+                        if before != Phase::Listed {
+                            tracing::info!(kind, "listed");
+                        }
+                        not_served_logged = false;
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        set(Phase::Listed);
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                    Err(error) => match not_served(&error) {
+                        Some(code) => {
+                            if !not_served_logged {
+                                tracing::warn!(
+                                    kind,
+                                    code,
+                                    %error,
+                                    "the API server does not serve this kind (or forbids it); \
+                                     counting it as empty and retrying with backoff"
+                                );
+                                not_served_logged = true;
+                            } else {
+                                tracing::debug!(kind, code, %error, "still not served");
+                            }
+                            if set(Phase::NotServed) != Phase::NotServed {
+                                changed.notify_one();
+                            }
+                        }
+                        None => {
+                            tracing::warn!(kind, %error, "watch failed; retrying with backoff");
+                        }
+                    },
+                }
+            }
+        });
+        Watched { kind, store, phase }
+    }
+
+    fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kind's current objects (none when it is not served).
+    fn objects(&self) -> Vec<K> {
+        match self.phase() {
+            Phase::NotServed => Vec::new(),
+            Phase::Pending | Phase::Listed => {
+                let mut objects: Vec<K> =
+                    self.store.state().iter().map(|o| (**o).clone()).collect();
+                // A stable order, so the same state always translates the same way.
+                objects.sort_by(|a, b| {
+                    (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any()))
+                });
+                objects
+            }
+        }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        self.store.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// The HTTP status code of an error that says the kind is not there to be
+/// watched: 404 (not served) or 403 (forbidden).
+fn not_served(error: &watcher::Error) -> Option<u16> {
+    let code = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code,
+        watcher::Error::WatchError(status) => status.code,
+        _ => return None,
+    };
+    matches!(code, 403 | 404).then_some(code)
+}
+
+/// Every watched kind.
+struct Sources {
+    services: Watched<Service>,
+    endpoint_slices: Watched<EndpointSlice>,
+    pods: Watched<Pod>,
+    http_routes: Watched<HttpRoute>,
+    traffic_policies: Watched<TrafficPolicy>,
+    server_policies: Watched<ServerPolicy>,
+}
+
+impl Sources {
+    /// Kinds that have neither listed nor been found not served.
+    fn pending(&self) -> Vec<&'static str> {
+        [
+            (self.services.kind, self.services.phase()),
+            (self.endpoint_slices.kind, self.endpoint_slices.phase()),
+            (self.pods.kind, self.pods.phase()),
+            (self.http_routes.kind, self.http_routes.phase()),
+            (self.traffic_policies.kind, self.traffic_policies.phase()),
+            (self.server_policies.kind, self.server_policies.phase()),
+        ]
+        .into_iter()
+        .filter(|(_, phase)| *phase == Phase::Pending)
+        .map(|(kind, _)| kind)
+        .collect()
+    }
+
+    fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.objects(),
+            endpoint_slices: self.endpoint_slices.objects(),
+            pods: self.pods.objects(),
+            http_routes: self.http_routes.objects(),
+            traffic_policies: self.traffic_policies.objects(),
+            server_policies: self.server_policies.objects(),
+        }
+    }
+}
+
+/// Watches the API server and reports every change to `hub`; writes statuses
+/// back after each snapshot. Runs until the process ends.
+pub async fn run(client: Client, hub: Hub) {
+    let changed = Arc::new(Notify::new());
+    let sources = Arc::new(Sources {
+        services: Watched::start(&client, "Service", changed.clone()),
+        endpoint_slices: Watched::start(&client, "EndpointSlice", changed.clone()),
+        pods: Watched::start(&client, "Pod", changed.clone()),
+        http_routes: Watched::start(&client, "HTTPRoute", changed.clone()),
+        traffic_policies: Watched::start(&client, "TrafficPolicy", changed.clone()),
+        server_policies: Watched::start(&client, "ServerPolicy", changed.clone()),
+    });
+    tokio::spawn(write_statuses(client, hub.clone(), sources.clone()));
+    let mut waiting_logged = false;
+    loop {
+        changed.notified().await;
+        let pending = sources.pending();
+        if !pending.is_empty() {
+            if !waiting_logged {
+                tracing::info!(?pending, "waiting for every kind to be listed");
+                waiting_logged = true;
+            }
+            continue;
+        }
+        hub.update(sources.objects());
+    }
+}
+
+/// What makes two conditions the same for writing: everything but the time.
+fn essence(c: &Condition) -> (&str, &str, &str, &str, Option<i64>) {
+    (
+        &c.type_,
+        &c.status,
+        &c.reason,
+        &c.message,
+        c.observed_generation,
+    )
+}
+
+fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| essence(x) == essence(y))
+}
+
+/// The conditions for `status`, keeping the `lastTransitionTime` of each old
+/// condition whose status is unchanged.
+fn conditions(
+    status: &ObjectStatus,
+    generation: Option<i64>,
+    old: &[Condition],
+    now: &Time,
+) -> Vec<Condition> {
+    let mut new = status.conditions(generation, now);
+    for condition in &mut new {
+        // Say something rather than nothing: some API servers (the 1.20 test
+        // server among them) turn an empty string in a custom resource into null
+        // and refuse it, as `message` is a required string.
+        if condition.message.is_empty() {
+            condition.message = match condition.type_.as_str() {
+                "Accepted" => "accepted by the Trellis control plane",
+                "ResolvedRefs" => "every reference resolved",
+                _ => "ok",
+            }
+            .to_owned();
+        }
+        if let Some(before) = old
+            .iter()
+            .find(|o| o.type_ == condition.type_ && o.status == condition.status)
+        {
+            condition.last_transition_time = before.last_transition_time.clone();
+        }
+    }
+    new
+}
+
+type StatusKey = (&'static str, String, String);
+
+/// Writes the statuses of each new snapshot.
+async fn write_statuses(client: Client, hub: Hub, sources: Arc<Sources>) {
+    let mut snapshots = hub.snapshots();
+    // What was last written to each object, and the resourceVersion it had before
+    // the write: while the store still shows that version, it has not seen the
+    // write yet, and the write is not repeated.
+    let mut written: HashMap<StatusKey, (Value, String)> = HashMap::new();
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        if let Some(snapshot) = snapshot {
+            write_snapshot(&client, &sources, &snapshot, &mut written).await;
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_snapshot(
+    client: &Client,
+    sources: &Sources,
+    snapshot: &Snapshot,
+    written: &mut HashMap<StatusKey, (Value, String)>,
+) {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    for status in snapshot.statuses() {
+        let (namespace, name) = (status.namespace.as_str(), status.name.as_str());
+        let key: StatusKey = (status.kind, namespace.to_owned(), name.to_owned());
+        let planned = match status.kind {
+            translate::TRAFFIC_POLICY => {
+                let Some(object) = sources.traffic_policies.get(namespace, name) else {
+                    continue;
+                };
+                let old = object
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                policy_patch(status, object.meta().generation, &old, &now)
+                    .map(|patch| (patch, object.resource_version().unwrap_or_default()))
+            }
+            translate::SERVER_POLICY => {
+                let Some(object) = sources.server_policies.get(namespace, name) else {
+                    continue;
+                };
+                let old = object
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                policy_patch(status, object.meta().generation, &old, &now)
+                    .map(|patch| (patch, object.resource_version().unwrap_or_default()))
+            }
+            translate::HTTP_ROUTE => {
+                let Some(route) = sources.http_routes.get(namespace, name) else {
+                    continue;
+                };
+                route_patch(status, &route, &now)
+                    .map(|patch| (patch, route.resource_version().unwrap_or_default()))
+            }
+            _ => continue,
+        };
+        let Some((patch, version)) = planned else {
+            written.remove(&key);
+            continue;
+        };
+        if written
+            .get(&key)
+            .is_some_and(|(sent, before)| *before == version && *sent == patch)
+        {
+            continue;
+        }
+        let result = match status.kind {
+            translate::TRAFFIC_POLICY => {
+                patch_status::<TrafficPolicy>(client, namespace, name, &patch).await
+            }
+            translate::SERVER_POLICY => {
+                patch_status::<ServerPolicy>(client, namespace, name, &patch).await
+            }
+            _ => patch_status::<HttpRoute>(client, namespace, name, &patch).await,
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(
+                    kind = status.kind,
+                    namespace,
+                    name,
+                    accepted = status.accepted,
+                    "status written"
+                );
+                written.insert(key, (patch, version));
+            }
+            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => {
+                // Deleted, or changed since the store saw it: the watch brings the
+                // new state and the next snapshot writes again.
+                tracing::debug!(
+                    kind = status.kind,
+                    namespace,
+                    name,
+                    code = e.code,
+                    "status not written; will retry"
+                );
+                written.remove(&key);
+            }
+            Err(error) => {
+                tracing::warn!(kind = status.kind, namespace, name, %error, "cannot write status");
+                written.remove(&key);
+            }
+        }
+    }
+    // Forget objects that no longer have a status.
+    written.retain(|(kind, namespace, name), _| {
+        snapshot.translation.status(kind, namespace, name).is_some()
+    });
+}
+
+/// The merge patch for a policy's status, or None when it is already so.
+fn policy_patch(
+    status: &ObjectStatus,
+    generation: Option<i64>,
+    old: &[Condition],
+    now: &Time,
+) -> Option<Value> {
+    let new = conditions(status, generation, old, now);
+    if same_conditions(&new, old) {
+        return None;
+    }
+    Some(json!({ "status": { "conditions": new } }))
+}
+
+/// The merge patch for an HTTPRoute's `status.parents` (ours replaced, other
+/// controllers' kept), or None when ours are already so. Guarded by the
+/// resourceVersion, as the list is shared with other controllers.
+fn route_patch(status: &ObjectStatus, route: &HttpRoute, now: &Time) -> Option<Value> {
+    let old_parents: Vec<Value> = route
+        .status
+        .as_ref()
+        .map(|s| {
+            s.parents
+                .iter()
+                .filter_map(|p| serde_json::to_value(p).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ours = |p: &Value| p["controllerName"] == CONTROLLER_NAME;
+    let generation = route.meta().generation;
+    let mut new_ours = Vec::new();
+    for parent in route.spec.parent_refs.iter().flatten() {
+        let group = parent.group.as_deref().unwrap_or("");
+        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+        if !(matches!(group, "" | "core") && kind == "Service") {
+            continue;
+        }
+        let Ok(parent_ref) = serde_json::to_value(parent) else {
+            continue;
+        };
+        let old: Vec<Condition> = old_parents
+            .iter()
+            .find(|p| ours(p) && p["parentRef"] == parent_ref)
+            .and_then(|p| serde_json::from_value(p["conditions"].clone()).ok())
+            .unwrap_or_default();
+        let new = conditions(status, generation, &old, now);
+        let unchanged = same_conditions(&new, &old);
+        new_ours.push((
+            json!({
+                "parentRef": parent_ref,
+                "controllerName": CONTROLLER_NAME,
+                "conditions": new,
+            }),
+            unchanged && !old.is_empty(),
+        ));
+    }
+    let old_ours = old_parents.iter().filter(|p| ours(p)).count();
+    if old_ours == new_ours.len() && new_ours.iter().all(|(_, unchanged)| *unchanged) {
+        return None;
+    }
+    let parents: Vec<Value> = old_parents
+        .iter()
+        .filter(|p| !ours(p))
+        .cloned()
+        .chain(new_ours.into_iter().map(|(p, _)| p))
+        .collect();
+    Some(json!({
+        "metadata": { "resourceVersion": route.resource_version() },
+        "status": { "parents": parents },
+    }))
+}
+
+async fn patch_status<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    patch: &Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(accepted: bool) -> ObjectStatus {
+        ObjectStatus {
+            kind: translate::HTTP_ROUTE,
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            accepted,
+            reason: if accepted {
+                "Accepted"
+            } else {
+                "UnsupportedValue"
+            }
+            .into(),
+            message: if accepted {
+                ""
+            } else {
+                "spec.rules[0].filters: not supported"
+            }
+            .into(),
+            resolved_refs: true,
+        }
+    }
+
+    fn route(status: Option<Value>) -> HttpRoute {
+        let mut value = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "reviews", "namespace": "shop", "generation": 2, "resourceVersion": "7"},
+            "spec": {"parentRefs": [
+                {"group": "", "kind": "Service", "name": "reviews", "port": 80},
+                {"name": "gw"},
+            ]},
+        });
+        if let Some(status) = status {
+            value["status"] = status;
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn route_status_names_each_service_parent_and_keeps_other_controllers() {
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let other = json!({
+            "parentRef": {"name": "gw"},
+            "controllerName": "example.com/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                            "message": "", "lastTransitionTime": "2020-01-01T00:00:00Z"}],
+        });
+        let route = route(Some(json!({"parents": [other.clone()]})));
+        let patch = route_patch(&status(false), &route, &now).expect("a patch");
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        let parents = patch["status"]["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 2, "{patch}");
+        assert_eq!(parents[0], other);
+        assert_eq!(parents[1]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(parents[1]["parentRef"]["kind"], "Service");
+        assert_eq!(parents[1]["parentRef"]["port"], 80);
+        let accepted = &parents[1]["conditions"][0];
+        assert_eq!(accepted["type"], "Accepted");
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "UnsupportedValue");
+        assert_eq!(accepted["observedGeneration"], 2);
+
+        // Written once, the same status needs no second write.
+        let route = super::tests::route(Some(patch["status"].clone()));
+        assert_eq!(route_patch(&status(false), &route, &now), None);
+        // A change of status is written, with a new transition time.
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(60).unwrap());
+        let patch = route_patch(&status(true), &route, &later).expect("a patch");
+        let accepted = &patch["status"]["parents"][1]["conditions"][0];
+        assert_eq!(accepted["status"], "True");
+        assert_eq!(accepted["lastTransitionTime"], "1970-01-01T00:01:00Z");
+        // ResolvedRefs did not change: its time stays.
+        let resolved = &patch["status"]["parents"][1]["conditions"][1];
+        assert_eq!(resolved["lastTransitionTime"], "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn policy_status_is_written_only_when_it_changes() {
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut s = status(true);
+        s.kind = translate::TRAFFIC_POLICY;
+        let patch = policy_patch(&s, Some(1), &[], &now).expect("a patch");
+        let written: Vec<Condition> =
+            serde_json::from_value(patch["status"]["conditions"].clone()).unwrap();
+        assert_eq!(written[0].type_, "Accepted");
+        assert_eq!(written[0].status, "True");
+        assert_eq!(policy_patch(&s, Some(1), &written, &now), None);
+        assert!(
+            policy_patch(&s, Some(2), &written, &now).is_some(),
+            "new generation"
+        );
+    }
+}
