@@ -68,6 +68,11 @@ impl View {
     }
 }
 
+/// The Pod annotation by which an operator narrows what a pod's proxy receives: a
+/// comma list of namespaces (the services there, and those their routes send to).
+/// Without it a proxy receives the whole mesh.
+pub const REACH_ANNOTATION: &str = "trellis.dev/reach";
+
 /// One translated state of the mesh.
 pub struct Snapshot {
     pub version: u64,
@@ -76,6 +81,8 @@ pub struct Snapshot {
     /// The mesh's resources, computed once and shared by every proxy.
     pub mesh: Arc<Resources>,
     inbound: InboundIndex,
+    /// Narrowed meshes, computed once per distinct set of namespaces.
+    narrowed: std::sync::Mutex<HashMap<Vec<String>, Arc<Resources>>>,
     /// When the change that led here was first seen, for convergence time.
     pub changed_at: Instant,
 }
@@ -107,8 +114,54 @@ impl Snapshot {
             translation,
             mesh: Arc::new(mesh),
             inbound,
+            narrowed: std::sync::Mutex::new(HashMap::new()),
             changed_at,
         }
+    }
+
+    /// The namespaces a pod's annotation narrows its view to, if it has one.
+    fn reach_of(&self, namespace: &str, pod: &str) -> Option<Vec<String>> {
+        let annotation = self
+            .objects
+            .pods
+            .iter()
+            .find(|p| {
+                p.metadata.name.as_deref() == Some(pod)
+                    && p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+            })?
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(REACH_ANNOTATION)?;
+        let mut namespaces: Vec<String> = annotation
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        Some(namespaces)
+    }
+
+    /// The mesh as a pod narrowed to `namespaces` sees it, shared by every pod with
+    /// the same narrowing (resources keep the whole mesh's allocations).
+    fn narrowed_mesh(&self, namespaces: Vec<String>) -> Arc<Resources> {
+        let mut cache = self.narrowed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mesh) = cache.get(&namespaces) {
+            return mesh.clone();
+        }
+        let services = translate::reachable(&self.translation.mesh.services, &namespaces);
+        let mesh: Resources = services
+            .iter()
+            .filter_map(|s| {
+                let name = resources::service_name(s);
+                let json = self.mesh.get(&name)?.clone();
+                Some((name, json))
+            })
+            .collect();
+        let mesh = Arc::new(mesh);
+        cache.insert(namespaces, mesh.clone());
+        mesh
     }
 
     /// The resources one proxy should have.
@@ -122,10 +175,11 @@ impl Snapshot {
                 Some((resources::inbound_name(port), Arc::from(json)))
             })
             .collect();
-        View {
-            mesh: self.mesh.clone(),
-            inbound,
-        }
+        let mesh = match self.reach_of(namespace, pod) {
+            Some(namespaces) => self.narrowed_mesh(namespaces),
+            None => self.mesh.clone(),
+        };
+        View { mesh, inbound }
     }
 
     pub fn statuses(&self) -> &[ObjectStatus] {
@@ -343,6 +397,54 @@ mod tests {
 
     fn json(text: &str) -> Json {
         Arc::from(text.as_bytes())
+    }
+
+    #[test]
+    fn a_pod_annotation_narrows_its_view_to_namespaces() {
+        let yaml = "
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: one}
+spec: {clusterIP: 198.19.0.1, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: two}
+spec: {clusterIP: 198.19.0.2, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: narrow, namespace: one, annotations: {trellis.dev/reach: 'one'}}
+spec: {containers: [{name: app, image: app}]}
+";
+        let mut objects = Objects::default();
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            match value["kind"].as_str().unwrap() {
+                "Service" => objects
+                    .services
+                    .push(serde_yaml_ng::from_value(value).unwrap()),
+                _ => objects.pods.push(serde_yaml_ng::from_value(value).unwrap()),
+            }
+        }
+        let translation = translate::translate(&objects);
+        let snapshot = Snapshot::new(1, Arc::new(objects), translation, Instant::now(), None);
+        let names = |view: &View| view.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&snapshot.view("one", "narrow", "")),
+            ["service/one/a/80"]
+        );
+        assert_eq!(
+            names(&snapshot.view("one", "other", "")),
+            ["service/one/a/80", "service/two/b/80"],
+            "no annotation: the whole mesh"
+        );
+        // Pods with the same narrowing share one map.
+        let (x, y) = (
+            snapshot.view("one", "narrow", ""),
+            snapshot.view("one", "narrow", ""),
+        );
+        assert!(Arc::ptr_eq(&x.mesh, &y.mesh));
     }
 
     #[test]

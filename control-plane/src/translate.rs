@@ -345,7 +345,8 @@ pub fn view(
 }
 
 /// The services in `namespaces`, plus every service their routes reach, in mesh order.
-fn reachable(services: &[model::Service], namespaces: &[String]) -> Vec<model::Service> {
+/// The services of `namespaces`, plus every service their routes send to.
+pub fn reachable(services: &[model::Service], namespaces: &[String]) -> Vec<model::Service> {
     let by_authority: HashMap<(&str, &str, u16), usize> = services
         .iter()
         .enumerate()
