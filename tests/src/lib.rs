@@ -6,6 +6,7 @@
 
 pub mod apps;
 pub mod control_plane;
+pub mod fake_apiserver;
 pub mod grpc;
 pub mod http;
 pub mod kube;
