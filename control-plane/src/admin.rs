@@ -67,9 +67,11 @@ fn handle(admin: &Admin, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let snapshot = admin.hub.current();
             let objects: Vec<_> = snapshot
                 .iter()
-                .flat_map(|s| s.statuses().iter())
-                .map(|s| {
+                .flat_map(|snapshot| snapshot.statuses().iter().map(move |s| (snapshot, s)))
+                .map(|(snapshot, s)| {
+                    let id = (s.kind.to_owned(), s.namespace.clone(), s.name.clone());
                     serde_json::json!({
+                        "file": snapshot.objects.origins.get(&id),
                         "kind": s.kind,
                         "namespace": s.namespace,
                         "name": s.name,

@@ -233,10 +233,20 @@ impl Hub {
                     .iter()
                     .filter(|s| !s.accepted || !s.resolved_refs)
                 {
+                    let file = objects
+                        .origins
+                        .get(&(
+                            status.kind.to_owned(),
+                            status.namespace.clone(),
+                            status.name.clone(),
+                        ))
+                        .map(String::as_str)
+                        .unwrap_or("");
                     tracing::warn!(
                         kind = status.kind,
                         namespace = %status.namespace,
                         name = %status.name,
+                        file,
                         reason = %status.reason,
                         message = %status.message,
                         "object not accepted"
@@ -277,6 +287,7 @@ struct LastAccepted {
     traffic: HashMap<(String, String), crate::crd::TrafficPolicy>,
     server: HashMap<(String, String), crate::crd::ServerPolicy>,
     routes: HashMap<(String, String), gateway_api::apis::standard::httproutes::HttpRoute>,
+    grpc_routes: HashMap<(String, String), gateway_api::apis::standard::grpcroutes::GrpcRoute>,
 }
 
 fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
@@ -320,6 +331,13 @@ impl LastAccepted {
                     if let Some(good) = self.routes.get(&id) {
                         objects.http_routes.retain(|r| key(&r.metadata) != id);
                         objects.http_routes.push(good.clone());
+                        swapped = true;
+                    }
+                }
+                "GRPCRoute" => {
+                    if let Some(good) = self.grpc_routes.get(&id) {
+                        objects.grpc_routes.retain(|r| key(&r.metadata) != id);
+                        objects.grpc_routes.push(good.clone());
                         swapped = true;
                     }
                 }
@@ -372,6 +390,11 @@ impl LastAccepted {
                 self.routes.insert(key(&r.metadata), r.clone());
             }
         }
+        for r in &objects.grpc_routes {
+            if accepted("GRPCRoute", &r.metadata) {
+                self.grpc_routes.insert(key(&r.metadata), r.clone());
+            }
+        }
         // Deleted objects are forgotten, so deleting a policy restores defaults.
         self.traffic.retain(|id, _| {
             objects
@@ -387,6 +410,8 @@ impl LastAccepted {
         });
         self.routes
             .retain(|id, _| objects.http_routes.iter().any(|r| key(&r.metadata) == *id));
+        self.grpc_routes
+            .retain(|id, _| objects.grpc_routes.iter().any(|r| key(&r.metadata) == *id));
         (objects, translation)
     }
 }

@@ -1,7 +1,8 @@
 //! Kubernetes mode: the same kinds local mode reads from files (Services,
-//! EndpointSlices, Pods, HTTPRoutes, TrafficPolicies, ServerPolicies), watched in
-//! every namespace through the API server, and the status the translation gives
-//! each TrafficPolicy, ServerPolicy and HTTPRoute written back to it.
+//! EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, TrafficPolicies, ServerPolicies),
+//! watched in every namespace through the API server, and the status the
+//! translation gives each TrafficPolicy, ServerPolicy, HTTPRoute and GRPCRoute
+//! written back to it.
 //!
 //! Each kind has a kube-rs watcher feeding a reflector store, with kube's default
 //! backoff between errors. A watcher resumes from the last resourceVersion it saw
@@ -18,7 +19,7 @@
 //! part as soon as it is served.
 //!
 //! Status: after each snapshot, every TrafficPolicy and ServerPolicy gets
-//! `status.conditions` and every HTTPRoute with a Service parent gets one entry per
+//! `status.conditions` and every HTTPRoute or GRPCRoute with a Service parent gets one entry per
 //! Service parentRef in `status.parents` (with `controllerName:
 //! trellis.dev/control-plane`; other controllers' entries are kept), each by a JSON
 //! merge patch on the `/status` subresource, and only when the conditions changed.
@@ -29,6 +30,7 @@ use crate::{
     hub::{Hub, Snapshot},
     translate::{self, ObjectStatus, Objects},
 };
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -184,6 +186,7 @@ struct Sources {
     endpoint_slices: Watched<EndpointSlice>,
     pods: Watched<Pod>,
     http_routes: Watched<HttpRoute>,
+    grpc_routes: Watched<GrpcRoute>,
     traffic_policies: Watched<TrafficPolicy>,
     server_policies: Watched<ServerPolicy>,
 }
@@ -196,6 +199,7 @@ impl Sources {
             (self.endpoint_slices.kind, self.endpoint_slices.phase()),
             (self.pods.kind, self.pods.phase()),
             (self.http_routes.kind, self.http_routes.phase()),
+            (self.grpc_routes.kind, self.grpc_routes.phase()),
             (self.traffic_policies.kind, self.traffic_policies.phase()),
             (self.server_policies.kind, self.server_policies.phase()),
         ]
@@ -211,8 +215,11 @@ impl Sources {
             endpoint_slices: self.endpoint_slices.objects(),
             pods: self.pods.objects(),
             http_routes: self.http_routes.objects(),
+            grpc_routes: self.grpc_routes.objects(),
             traffic_policies: self.traffic_policies.objects(),
             server_policies: self.server_policies.objects(),
+            // Objects in a cluster are named by kind, namespace and name alone.
+            origins: Default::default(),
         }
     }
 }
@@ -226,6 +233,7 @@ pub async fn run(client: Client, hub: Hub) {
         endpoint_slices: Watched::start(&client, "EndpointSlice", changed.clone()),
         pods: Watched::start(&client, "Pod", changed.clone()),
         http_routes: Watched::start(&client, "HTTPRoute", changed.clone()),
+        grpc_routes: Watched::start(&client, "GRPCRoute", changed.clone()),
         traffic_policies: Watched::start(&client, "TrafficPolicy", changed.clone()),
         server_policies: Watched::start(&client, "ServerPolicy", changed.clone()),
     });
@@ -350,7 +358,14 @@ async fn write_snapshot(
                 let Some(route) = sources.http_routes.get(namespace, name) else {
                     continue;
                 };
-                route_patch(status, &route, &now)
+                route_patch(status, &*route, &now)
+                    .map(|patch| (patch, route.resource_version().unwrap_or_default()))
+            }
+            translate::GRPC_ROUTE => {
+                let Some(route) = sources.grpc_routes.get(namespace, name) else {
+                    continue;
+                };
+                route_patch(status, &*route, &now)
                     .map(|patch| (patch, route.resource_version().unwrap_or_default()))
             }
             _ => continue,
@@ -371,6 +386,9 @@ async fn write_snapshot(
             }
             translate::SERVER_POLICY => {
                 patch_status::<ServerPolicy>(client, namespace, name, &patch).await
+            }
+            translate::GRPC_ROUTE => {
+                patch_status::<GrpcRoute>(client, namespace, name, &patch).await
             }
             _ => patch_status::<HttpRoute>(client, namespace, name, &patch).await,
         };
@@ -423,32 +441,53 @@ fn policy_patch(
     Some(json!({ "status": { "conditions": new } }))
 }
 
-/// The merge patch for an HTTPRoute's `status.parents` (ours replaced, other
+/// A route kind whose status is `status.parents`, as HTTPRoute's and GRPCRoute's.
+trait RouteStatus: Resource {
+    /// `spec.parentRefs` and `status.parents`, as JSON.
+    fn parent_refs(&self) -> Vec<Value>;
+    fn status_parents(&self) -> Vec<Value>;
+}
+
+fn to_values<T: serde::Serialize>(items: Option<&Vec<T>>) -> Vec<Value> {
+    items
+        .into_iter()
+        .flatten()
+        .filter_map(|p| serde_json::to_value(p).ok())
+        .collect()
+}
+
+impl RouteStatus for HttpRoute {
+    fn parent_refs(&self) -> Vec<Value> {
+        to_values(self.spec.parent_refs.as_ref())
+    }
+    fn status_parents(&self) -> Vec<Value> {
+        to_values(self.status.as_ref().map(|s| &s.parents))
+    }
+}
+
+impl RouteStatus for GrpcRoute {
+    fn parent_refs(&self) -> Vec<Value> {
+        to_values(self.spec.parent_refs.as_ref())
+    }
+    fn status_parents(&self) -> Vec<Value> {
+        to_values(self.status.as_ref().map(|s| &s.parents))
+    }
+}
+
+/// The merge patch for a route's `status.parents` (ours replaced, other
 /// controllers' kept), or None when ours are already so. Guarded by the
 /// resourceVersion, as the list is shared with other controllers.
-fn route_patch(status: &ObjectStatus, route: &HttpRoute, now: &Time) -> Option<Value> {
-    let old_parents: Vec<Value> = route
-        .status
-        .as_ref()
-        .map(|s| {
-            s.parents
-                .iter()
-                .filter_map(|p| serde_json::to_value(p).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+fn route_patch(status: &ObjectStatus, route: &impl RouteStatus, now: &Time) -> Option<Value> {
+    let old_parents = route.status_parents();
     let ours = |p: &Value| p["controllerName"] == CONTROLLER_NAME;
     let generation = route.meta().generation;
     let mut new_ours = Vec::new();
-    for parent in route.spec.parent_refs.iter().flatten() {
-        let group = parent.group.as_deref().unwrap_or("");
-        let kind = parent.kind.as_deref().unwrap_or("Gateway");
+    for parent_ref in route.parent_refs() {
+        let group = parent_ref["group"].as_str().unwrap_or("");
+        let kind = parent_ref["kind"].as_str().unwrap_or("Gateway");
         if !(matches!(group, "" | "core") && kind == "Service") {
             continue;
         }
-        let Ok(parent_ref) = serde_json::to_value(parent) else {
-            continue;
-        };
         let old: Vec<Condition> = old_parents
             .iter()
             .find(|p| ours(p) && p["parentRef"] == parent_ref)
@@ -476,7 +515,7 @@ fn route_patch(status: &ObjectStatus, route: &HttpRoute, now: &Time) -> Option<V
         .chain(new_ours.into_iter().map(|(p, _)| p))
         .collect();
     Some(json!({
-        "metadata": { "resourceVersion": route.resource_version() },
+        "metadata": { "resourceVersion": route.meta().resource_version },
         "status": { "parents": parents },
     }))
 }
@@ -539,6 +578,24 @@ mod tests {
             value["status"] = status;
         }
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn grpc_route_status_is_written_like_an_http_route_status() {
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut value = serde_json::to_value(route(None)).unwrap();
+        value["kind"] = json!("GRPCRoute");
+        let grpc: GrpcRoute = serde_json::from_value(value).unwrap();
+        let status = ObjectStatus {
+            kind: translate::GRPC_ROUTE,
+            ..status(true)
+        };
+        let patch = route_patch(&status, &grpc, &now).expect("a patch");
+        assert_eq!(patch, route_patch(&status, &route(None), &now).unwrap());
+        let parents = patch["status"]["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 1, "{patch}");
+        assert_eq!(parents[0]["controllerName"], CONTROLLER_NAME);
+        assert_eq!(parents[0]["parentRef"]["name"], "reviews");
     }
 
     #[test]

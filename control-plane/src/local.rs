@@ -1,5 +1,6 @@
 //! Local mode: a directory of the same YAML an operator would `kubectl apply`
-//! (Services, EndpointSlices, Pods, HTTPRoutes, TrafficPolicies, ServerPolicies),
+//! (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, TrafficPolicies,
+//! ServerPolicies),
 //! read again whenever a file in it changes.
 //!
 //! A document that does not parse as its kind is reported with its file, document
@@ -90,11 +91,24 @@ fn parse_file(path: &Path) -> Result<Objects, String> {
             .unwrap_or("")
             .to_owned();
         let at = |e: String| format!("document {} ({kind}): {e}", index + 1);
+        let meta = |field: &str, default: &str| {
+            value
+                .get("metadata")
+                .and_then(|m| m.get(field))
+                .and_then(|v| v.as_str())
+                .unwrap_or(default)
+                .to_owned()
+        };
+        objects.origins.insert(
+            (kind.clone(), meta("namespace", "default"), meta("name", "")),
+            path.display().to_string(),
+        );
         match kind.as_str() {
             "Service" => objects.services.push(parse_as(value).map_err(at)?),
             "EndpointSlice" => objects.endpoint_slices.push(parse_as(value).map_err(at)?),
             "Pod" => objects.pods.push(parse_as(value).map_err(at)?),
             "HTTPRoute" => objects.http_routes.push(parse_as(value).map_err(at)?),
+            "GRPCRoute" => objects.grpc_routes.push(parse_as(value).map_err(at)?),
             "TrafficPolicy" => objects
                 .traffic_policies
                 .push(parse_as::<TrafficPolicy>(value).map_err(at)?),
@@ -113,10 +127,13 @@ fn merge(into: &mut Objects, from: &Objects) {
         .extend(from.endpoint_slices.iter().cloned());
     into.pods.extend(from.pods.iter().cloned());
     into.http_routes.extend(from.http_routes.iter().cloned());
+    into.grpc_routes.extend(from.grpc_routes.iter().cloned());
     into.traffic_policies
         .extend(from.traffic_policies.iter().cloned());
     into.server_policies
         .extend(from.server_policies.iter().cloned());
+    into.origins
+        .extend(from.origins.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
 /// Watches `dir` (polling every `every`) and reports each changed state to `hub`.
@@ -154,5 +171,38 @@ pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) 
             merge(&mut objects, &file.objects);
         }
         hub.update(objects);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_route_document_is_read() {
+        let path = std::env::temp_dir().join(format!("trellis-grpc-{}.yaml", std::process::id()));
+        std::fs::write(
+            &path,
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules:
+    - matches: [{method: {service: shop.v1.Reviews, method: Get}}]
+      backendRefs: [{name: reviews-v1, port: 8080}]
+",
+        )
+        .unwrap();
+        let objects = parse_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        let objects = objects.unwrap();
+        assert_eq!(objects.grpc_routes.len(), 1);
+        let rules = objects.grpc_routes[0].spec.rules.as_ref().unwrap();
+        let method = rules[0].matches.as_ref().unwrap()[0]
+            .method
+            .as_ref()
+            .unwrap();
+        assert_eq!(method.service.as_deref(), Some("shop.v1.Reviews"));
     }
 }

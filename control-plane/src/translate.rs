@@ -1,5 +1,5 @@
-//! Translation: what operators write (Services, EndpointSlices, HTTPRoutes with
-//! GAMMA parentRefs, TrafficPolicy, ServerPolicy; `shared/API.md`) into the proxy's
+//! Translation: what operators write (Services, EndpointSlices, HTTPRoutes and
+//! GRPCRoutes with GAMMA parentRefs, TrafficPolicy, ServerPolicy; `shared/API.md`) into the proxy's
 //! one config model, plus a status for each object that says whether it took
 //! effect. Pure and synchronous: the same [`Objects`] always give the same
 //! [`Translation`], whether they came from Kubernetes or from local YAML files.
@@ -36,6 +36,18 @@
 //! as in local files, count as oldest), each in rule order; the proxy then
 //! orders them by Gateway API precedence with that order as the tie-break.
 //!
+//! # GRPCRoutes
+//!
+//! A GRPCRoute is read as the HTTPRoute it amounts to (`grpc_as_http`), so it
+//! follows every rule above (parents, section names, backendRefs, header matches,
+//! ordering among HTTPRoutes by creationTimestamp, statuses with kind `GRPCRoute`).
+//! A `method` match becomes a path match on `/<service>/<method>`: `Exact` (the
+//! default) with both is an Exact path, with only a service a PathPrefix
+//! `/<service>`, with only a method the regex `/[^/]+/<method>` (escaped);
+//! `RegularExpression` is the regex `/(?:<service>)/(?:<method>)`, `[^/]+` for
+//! a missing part. Exact names must be gRPC names (letters, digits, `_`, and `.` in
+//! a service). GRPCRoute has no timeouts.
+//!
 //! Not supported yet, and refused rather than ignored (Accepted=False,
 //! `UnsupportedValue`): filters, and a parentRef to a Service in another namespace
 //! (a GAMMA consumer route). `hostnames` are ignored, as GAMMA says. ReferenceGrants
@@ -45,7 +57,7 @@
 //!
 //! A policy applies to what its targetRefs name, from broadest to narrowest: a
 //! Service (its model services' `policy`), one port of it (`sectionName` = the
-//! port's name), an HTTPRoute (every route made from it), one rule of it
+//! port's name), an HTTPRoute or GRPCRoute (every route made from it), one rule of it
 //! (`sectionName` = the rule's name, or index when unnamed). A narrower target wins
 //! section by section ([`Policy::overridden_by`]); among policies on the same
 //! target the oldest (creationTimestamp, then namespace/name) wins, also section by
@@ -76,7 +88,7 @@
 //!
 //! # Statuses
 //!
-//! Every HTTPRoute with a Service parent, every TrafficPolicy and every
+//! Every HTTPRoute and GRPCRoute with a Service parent, every TrafficPolicy and every
 //! ServerPolicy gets one [`ObjectStatus`]; a Service gets one only when it cannot
 //! be used (possible in local mode: a name that is not a DNS label, a port out of
 //! range, the same Service twice). `accepted` means the object is in effect. An
@@ -92,10 +104,15 @@
 //! checks (paths, regexes, header names are checked here the same way).
 
 use crate::crd::{Authorization, MtlsMode, ServerPolicy, TargetRef, TrafficPolicy};
+use gateway_api::apis::standard::grpcroutes::{
+    GrpcRoute, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethod,
+    GrpcRouteRulesMatchesMethodType,
+};
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
-    HttpRouteRulesMatchesQueryParamsType, HttpRouteRulesTimeouts,
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesMatches, HttpRouteRulesMatchesHeaders, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesPath, HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+    HttpRouteRulesTimeouts, HttpRouteSpec,
 };
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -120,8 +137,12 @@ pub struct Objects {
     pub endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
     pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
     pub http_routes: Vec<gateway_api::apis::standard::httproutes::HttpRoute>,
+    pub grpc_routes: Vec<gateway_api::apis::standard::grpcroutes::GrpcRoute>,
     pub traffic_policies: Vec<crate::crd::TrafficPolicy>,
     pub server_policies: Vec<crate::crd::ServerPolicy>,
+    /// Where each object came from, by (kind, namespace, name): in local mode its
+    /// file, so a rejection can name the file as well as the field.
+    pub origins: HashMap<(String, String, String), String>,
 }
 
 /// Accepted=False (with reason and a message naming the field) or Accepted=True for one object.
@@ -147,6 +168,7 @@ pub struct Translation {
 /// The kinds an [`ObjectStatus`] names.
 pub const SERVICE: &str = "Service";
 pub const HTTP_ROUTE: &str = "HTTPRoute";
+pub const GRPC_ROUTE: &str = "GRPCRoute";
 pub const TRAFFIC_POLICY: &str = "TrafficPolicy";
 pub const SERVER_POLICY: &str = "ServerPolicy";
 
@@ -197,18 +219,23 @@ pub fn translate(objects: &Objects) -> Translation {
     let index = Index::new(objects);
     let mut statuses = index.statuses.clone();
 
-    // HTTPRoutes with a Service parent, oldest first.
+    // HTTPRoutes and GRPCRoutes with a Service parent, oldest first.
     let mut routes = Vec::new();
-    for (key, route) in &index.routes {
-        let Some(result) = translate_route(key, route, &index) else {
+    for route in &index.routes {
+        let Some(result) = translate_route(&route.key, &route.route, &index) else {
             continue;
         };
+        let mut problems = route.problems.clone();
         match result {
-            Ok(attached) => {
-                statuses.push(status(HTTP_ROUTE, key, Vec::new()));
-                routes.push((key.clone(), attached));
+            Ok(attached) if problems.is_empty() => {
+                statuses.push(status(route.kind, &route.key, problems));
+                routes.push(((route.kind, route.key.clone()), attached));
             }
-            Err(problems) => statuses.push(status(HTTP_ROUTE, key, problems)),
+            Ok(_) => statuses.push(status(route.kind, &route.key, problems)),
+            Err(mut more) => {
+                problems.append(&mut more);
+                statuses.push(status(route.kind, &route.key, problems));
+            }
         }
     }
 
@@ -548,6 +575,7 @@ fn oldest_first<'a, T>(
 }
 
 /// Why an object is not in effect.
+#[derive(Clone)]
 struct Problem {
     /// A reference that resolves to nothing (rather than an invalid value).
     refs: bool,
@@ -683,11 +711,24 @@ impl ServiceInfo<'_> {
     }
 }
 
-/// The usable Services and every HTTPRoute, by namespace/name, oldest first.
+/// A route's kind ([`HTTP_ROUTE`] or [`GRPC_ROUTE`]) and namespace/name.
+type RouteKey = (&'static str, Key);
+
+/// An HTTPRoute, or a GRPCRoute in HTTPRoute form ([`grpc_as_http`]).
+struct MeshRoute<'a> {
+    kind: &'static str,
+    key: Key,
+    route: Cow<'a, HttpRoute>,
+    /// What the conversion from a GRPCRoute found wrong.
+    problems: Vec<Problem>,
+}
+
+/// The usable Services and every HTTPRoute and GRPCRoute, oldest first.
 struct Index<'a> {
     services: BTreeMap<Key, ServiceInfo<'a>>,
-    routes: Vec<(Key, &'a HttpRoute)>,
-    route_keys: BTreeMap<Key, &'a HttpRoute>,
+    routes: Vec<MeshRoute<'a>>,
+    /// Positions in `routes`.
+    route_keys: BTreeMap<RouteKey, usize>,
     /// Services that cannot be used, and objects defined twice.
     statuses: Vec<ObjectStatus>,
 }
@@ -724,13 +765,44 @@ impl<'a> Index<'a> {
         for info in services.values_mut() {
             info.slices.sort_by_key(|s| s.metadata.name.clone());
         }
-        let routes = oldest_first(
+        let mut routes: Vec<MeshRoute> = oldest_first(
             &objects.http_routes,
             |r| &r.metadata,
             HTTP_ROUTE,
             &mut statuses,
-        );
-        let route_keys = routes.iter().map(|(k, r)| (k.clone(), *r)).collect();
+        )
+        .into_iter()
+        .map(|(key, route)| MeshRoute {
+            kind: HTTP_ROUTE,
+            key,
+            route: Cow::Borrowed(route),
+            problems: Vec::new(),
+        })
+        .collect();
+        for (key, route) in oldest_first(
+            &objects.grpc_routes,
+            |r| &r.metadata,
+            GRPC_ROUTE,
+            &mut statuses,
+        ) {
+            let (route, problems) = grpc_as_http(route);
+            routes.push(MeshRoute {
+                kind: GRPC_ROUTE,
+                key,
+                route: Cow::Owned(route),
+                problems,
+            });
+        }
+        // Both kinds in one order, as for one kind (stable: HTTPRoutes first on a tie).
+        routes.sort_by(|a, b| {
+            (a.route.metadata.creation_timestamp.as_ref(), &a.key)
+                .cmp(&(b.route.metadata.creation_timestamp.as_ref(), &b.key))
+        });
+        let route_keys = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.kind, r.key.clone()), i))
+            .collect();
         Index {
             services,
             routes,
@@ -1269,13 +1341,170 @@ fn rule_timeouts(t: &HttpRouteRulesTimeouts, at: &str) -> Result<RuleTimeouts, V
 }
 
 // ---------------------------------------------------------------------------
+// GRPCRoutes.
+
+/// A GRPCRoute in HTTPRoute form, so that it takes the HTTPRoute paths (parents,
+/// backends, headers, statuses, policies). The problems are what only a GRPCRoute
+/// can get wrong: its method matches, and filters (which the form drops).
+fn grpc_as_http(route: &GrpcRoute) -> (HttpRoute, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let parent_refs = route.spec.parent_refs.as_ref().map(|refs| {
+        refs.iter()
+            .map(|p| HttpRouteParentRefs {
+                group: p.group.clone(),
+                kind: p.kind.clone(),
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                port: p.port,
+                section_name: p.section_name.clone(),
+            })
+            .collect()
+    });
+    let mut rules = Vec::new();
+    for (j, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let at = |field: &str| format!("spec.rules[{j}].{field}");
+        if rule.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+            problems.push(invalid(
+                "UnsupportedValue",
+                at("filters"),
+                "filters are not supported yet",
+            ));
+        }
+        let mut matches = Vec::new();
+        for (k, m) in rule.matches.iter().flatten().enumerate() {
+            let path = match m
+                .method
+                .as_ref()
+                .map(|method| grpc_method_path(method, &at(&format!("matches[{k}].method"))))
+            {
+                Some(Err(problem)) => {
+                    problems.push(problem);
+                    None
+                }
+                Some(Ok(path)) => path,
+                None => None,
+            };
+            let headers = m.headers.as_ref().map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| HttpRouteRulesMatchesHeaders {
+                        name: h.name.clone(),
+                        value: h.value.clone(),
+                        r#type: h.r#type.as_ref().map(|t| match t {
+                            GrpcRouteRulesMatchesHeadersType::Exact => {
+                                HttpRouteRulesMatchesHeadersType::Exact
+                            }
+                            GrpcRouteRulesMatchesHeadersType::RegularExpression => {
+                                HttpRouteRulesMatchesHeadersType::RegularExpression
+                            }
+                        }),
+                    })
+                    .collect()
+            });
+            matches.push(HttpRouteRulesMatches {
+                path,
+                headers,
+                ..Default::default()
+            });
+        }
+        let mut backend_refs = Vec::new();
+        for (b, backend) in rule.backend_refs.iter().flatten().enumerate() {
+            if backend.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                problems.push(invalid(
+                    "UnsupportedValue",
+                    at(&format!("backendRefs[{b}].filters")),
+                    "filters are not supported yet",
+                ));
+            }
+            backend_refs.push(HttpRouteRulesBackendRefs {
+                filters: None,
+                group: backend.group.clone(),
+                kind: backend.kind.clone(),
+                name: backend.name.clone(),
+                namespace: backend.namespace.clone(),
+                port: backend.port,
+                weight: backend.weight,
+            });
+        }
+        rules.push(HttpRouteRules {
+            name: rule.name.clone(),
+            matches: rule.matches.as_ref().map(|_| matches),
+            backend_refs: rule.backend_refs.as_ref().map(|_| backend_refs),
+            ..Default::default()
+        });
+    }
+    let http = HttpRoute {
+        metadata: route.metadata.clone(),
+        spec: HttpRouteSpec {
+            parent_refs,
+            rules: route.spec.rules.as_ref().map(|_| rules),
+            ..Default::default()
+        },
+        status: None,
+    };
+    (http, problems)
+}
+
+/// The path match for a gRPC method match (gRPC calls are `POST /<service>/<method>`);
+/// None when it names neither service nor method (it matches every call).
+fn grpc_method_path(
+    m: &GrpcRouteRulesMatchesMethod,
+    at: &str,
+) -> Result<Option<HttpRouteRulesMatchesPath>, Problem> {
+    let service = m.service.as_deref().filter(|s| !s.is_empty());
+    let method = m.method.as_deref().filter(|s| !s.is_empty());
+    let path = |kind, value: String| {
+        Some(HttpRouteRulesMatchesPath {
+            r#type: Some(kind),
+            value: Some(value),
+        })
+    };
+    let regex = HttpRouteRulesMatchesPathType::RegularExpression;
+    if m.r#type == Some(GrpcRouteRulesMatchesMethodType::RegularExpression) {
+        for (field, value) in [("service", service), ("method", method)] {
+            if let Some(value) = value {
+                check_regex(value)
+                    .map_err(|e| invalid("UnsupportedValue", format!("{at}.{field}"), e))?;
+            }
+        }
+        if service.is_none() && method.is_none() {
+            return Ok(None);
+        }
+        // Each part in a group of its own, so an alternation stays inside it.
+        let part = |p: Option<&str>| p.map_or("[^/]+".to_owned(), |p| format!("(?:{p})"));
+        return Ok(path(regex, format!("/{}/{}", part(service), part(method))));
+    }
+    // Exact: names as gRPC spells them (`pkg.Service`, `Method`).
+    for (field, value) in [("service", service), ("method", method)] {
+        let name =
+            |b: u8| b.is_ascii_alphanumeric() || b == b'_' || (field == "service" && b == b'.');
+        if let Some(value) = value.filter(|v| !v.bytes().all(name)) {
+            return Err(invalid(
+                "UnsupportedValue",
+                format!("{at}.{field}"),
+                format!("{value:?} is not a gRPC {field} name"),
+            ));
+        }
+    }
+    Ok(match (service, method) {
+        (Some(s), Some(m)) => path(HttpRouteRulesMatchesPathType::Exact, format!("/{s}/{m}")),
+        (Some(s), None) => path(HttpRouteRulesMatchesPathType::PathPrefix, format!("/{s}")),
+        (None, Some(m)) => path(regex, format!("/[^/]+/{}", regex::escape(m))),
+        (None, None) => None,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // TrafficPolicy.
 
 enum Target {
     /// A Service, or one of its ports.
     Service { service: Key, port: Option<u16> },
-    /// An HTTPRoute, or one of its rules (by section).
-    Route { route: Key, section: Option<String> },
+    /// An HTTPRoute or GRPCRoute, or one of its rules (by section).
+    Route {
+        route: RouteKey,
+        section: Option<String>,
+    },
 }
 
 /// Resolves `targetRefs[i]` in the policy's namespace.
@@ -1288,7 +1517,12 @@ fn resolve_target(
 ) -> Result<Target, Problem> {
     let at = |field: &str| format!("spec.targetRefs[{i}].{field}");
     let service = target.kind == "Service" && is_core_group(Some(target.group.as_str()));
-    let route = routes_allowed && target.kind == "HTTPRoute" && target.group == GATEWAY_GROUP;
+    let route_kind = match target.kind.as_str() {
+        "HTTPRoute" => Some(HTTP_ROUTE),
+        "GRPCRoute" => Some(GRPC_ROUTE),
+        _ => None,
+    }
+    .filter(|_| routes_allowed && target.group == GATEWAY_GROUP);
     if service {
         let key = (namespace.to_owned(), target.name.clone());
         let Some(info) = index.services.get(&key) else {
@@ -1315,17 +1549,17 @@ fn resolve_target(
             },
         };
         Ok(Target::Service { service: key, port })
-    } else if route {
-        let key = (namespace.to_owned(), target.name.clone());
-        let Some(found) = index.route_keys.get(&key) else {
+    } else if let Some(kind) = route_kind {
+        let key = (kind, (namespace.to_owned(), target.name.clone()));
+        let Some(&found) = index.route_keys.get(&key) else {
             return Err(unresolved(
                 "TargetNotFound",
                 at("name"),
-                format!("no HTTPRoute {namespace}/{}", target.name),
+                format!("no {kind} {namespace}/{}", target.name),
             ));
         };
         if let Some(section) = &target.section_name {
-            let exists = rules_of(found)
+            let exists = rules_of(&index.routes[found].route)
                 .iter()
                 .enumerate()
                 .any(|(j, rule)| section_of(rule, j) == *section);
@@ -1334,7 +1568,7 @@ fn resolve_target(
                     "TargetNotFound",
                     at("sectionName"),
                     format!(
-                        "HTTPRoute {namespace}/{} has no rule {section:?} (a rule's name, or its index when unnamed)",
+                        "{kind} {namespace}/{} has no rule {section:?} (a rule's name, or its index when unnamed)",
                         target.name
                     ),
                 ));
@@ -1353,7 +1587,7 @@ fn resolve_target(
                 target.kind,
                 target.group,
                 if routes_allowed {
-                    " or an HTTPRoute (group gateway.networking.k8s.io)"
+                    " or an HTTPRoute or GRPCRoute (group gateway.networking.k8s.io)"
                 } else {
                     ""
                 }
@@ -1419,8 +1653,8 @@ fn translate_traffic_policy(
 struct Attachments {
     service: BTreeMap<Key, Vec<Policy>>,
     port: BTreeMap<(Key, u16), Vec<Policy>>,
-    route: BTreeMap<Key, Vec<Policy>>,
-    rule: BTreeMap<(Key, String), Vec<Policy>>,
+    route: BTreeMap<RouteKey, Vec<Policy>>,
+    rule: BTreeMap<(RouteKey, String), Vec<Policy>>,
 }
 
 /// Policies on one target, oldest first, merged so the oldest wins each section.
@@ -1465,7 +1699,7 @@ impl Attachments {
 
     /// What a route carries: its HTTPRoute's and rule's policies, and the rule's
     /// own timeouts over the effective ones, field by field.
-    fn route_policy(&self, route: &Key, rule: &Rule, service_policy: &Policy) -> Policy {
+    fn route_policy(&self, route: &RouteKey, rule: &Rule, service_policy: &Policy) -> Policy {
         let mut policy = combine(self.route.get(route)).overridden_by(&combine(
             self.rule.get(&(route.clone(), rule.section.clone())),
         ));
@@ -1692,6 +1926,7 @@ mod tests {
                 "EndpointSlice" => objects.endpoint_slices.push(parse(value).unwrap()),
                 "Pod" => objects.pods.push(parse(value).unwrap()),
                 "HTTPRoute" => objects.http_routes.push(parse(value).unwrap()),
+                "GRPCRoute" => objects.grpc_routes.push(parse(value).unwrap()),
                 "TrafficPolicy" => objects.traffic_policies.push(parse(value).unwrap()),
                 "ServerPolicy" => objects.server_policies.push(parse(value).unwrap()),
                 other => panic!("unexpected kind {other}"),
@@ -2216,6 +2451,180 @@ spec:
             status
                 .message
                 .starts_with("spec.rules[1].matches[0].path.value: invalid regex \"/api/(\""),
+            "{}",
+            status.message
+        );
+        assert!(service(&t.mesh, "shop", "reviews").routes.is_empty());
+    }
+
+    /// A GRPCRoute older than CANARY's HTTPRoute, on the same Service.
+    const GRPC: &str = r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: reviews-grpc, namespace: shop, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 8080}]
+  rules:
+    - name: get
+      matches:
+        - method: {service: shop.v1.Reviews, method: Get}
+          headers: [{name: x-canary, value: "true"}]
+      backendRefs:
+        - {name: reviews-v1, port: 8080, weight: 80}
+        - {name: reviews-v2, port: 8080, weight: 20}
+    - matches: [{method: {service: shop.v1.Reviews}}]
+      backendRefs: [{name: reviews-v1, port: 8080}]
+    - matches:
+        - method: {method: Watch}
+        - method: {type: RegularExpression, service: "shop\\.v[12]\\.Reviews", method: "List|Scan"}
+        - headers: [{name: x-debug, type: RegularExpression, value: "1|yes"}]
+"#;
+
+    #[test]
+    fn grpc_routes_become_path_matches_among_http_routes() {
+        let t = translated(&format!(
+            "{SHOP}{CANARY}{GRPC}
+---
+apiVersion: policy.trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: on-grpc-rule, namespace: shop}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: GRPCRoute, name: reviews-grpc, sectionName: get}}]
+  retry: {{attempts: 4}}
+"
+        ));
+        assert!(
+            t.statuses.iter().all(|s| s.accepted && s.resolved_refs),
+            "{:?}",
+            t.statuses
+        );
+        let status = t.status(GRPC_ROUTE, "shop", "reviews-grpc").unwrap();
+        assert_eq!(status.kind, "GRPCRoute");
+        let reviews = service(&t.mesh, "shop", "reviews");
+        let names: Vec<&str> = reviews
+            .routes
+            .iter()
+            .map(|r| r.name.as_deref().unwrap())
+            .collect();
+        // The GRPCRoute is older than the HTTPRoute: its rules come first.
+        assert_eq!(
+            names,
+            [
+                "reviews-grpc/get",
+                "reviews-grpc/1",
+                "reviews-grpc/2",
+                "reviews/0",
+                "reviews/1"
+            ]
+        );
+        let path = |r: &model::Route, i: usize| {
+            let p = r.matches[i].path.as_ref().unwrap();
+            (p.kind, p.value.0.clone())
+        };
+
+        let get = &reviews.routes[0];
+        assert_eq!(
+            path(get, 0),
+            (
+                model::PathMatchType::Exact,
+                "/shop.v1.Reviews/Get".to_owned()
+            )
+        );
+        assert!(get.matches[0].method.is_none());
+        assert_eq!(get.matches[0].headers[0].name, "x-canary");
+        assert_eq!(get.matches[0].headers[0].kind, model::ValueMatchType::Exact);
+        assert_eq!(get.matches[0].headers[0].value.as_deref(), Some("true"));
+        let weights: Vec<(&str, u32)> = get
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect();
+        assert_eq!(weights, [("reviews-v1", 80), ("reviews-v2", 20)]);
+        assert_eq!(get.policy.retry.as_ref().unwrap().attempts, 4);
+
+        let service_only = &reviews.routes[1];
+        assert_eq!(
+            path(service_only, 0),
+            (
+                model::PathMatchType::PathPrefix,
+                "/shop.v1.Reviews".to_owned()
+            )
+        );
+        assert_eq!(service_only.policy, Policy::default());
+
+        let others = &reviews.routes[2];
+        assert_eq!(
+            path(others, 0),
+            (
+                model::PathMatchType::RegularExpression,
+                "/[^/]+/Watch".to_owned()
+            )
+        );
+        assert_eq!(
+            path(others, 1),
+            (
+                model::PathMatchType::RegularExpression,
+                "/(?:shop\\.v[12]\\.Reviews)/(?:List|Scan)".to_owned()
+            )
+        );
+        assert!(others.matches[2].path.is_none());
+        assert_eq!(
+            others.matches[2].headers[0].kind,
+            model::ValueMatchType::RegularExpression
+        );
+        assert!(others.backends.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_grpc_route_is_refused_naming_the_field_and_changes_nothing_else() {
+        let without = translated(&format!("{SHOP}{CANARY}"));
+        let t = translated(&format!(
+            "{SHOP}{CANARY}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, name: reviews}}]
+  rules:
+    - matches: [{{method: {{type: RegularExpression, service: \"shop.(\", method: Get}}}}]
+      backendRefs: [{{name: reviews-v1, port: 8080}}]
+    - backendRefs: [{{name: nowhere, port: 8080}}]
+"
+        ));
+        let status = t.status(GRPC_ROUTE, "shop", "reviews").unwrap();
+        assert!(!status.accepted && status.resolved_refs);
+        assert_eq!(status.reason, "UnsupportedValue");
+        assert!(
+            status
+                .message
+                .starts_with("spec.rules[0].matches[0].method.service: invalid regex \"shop.(\"")
+                && status.message.ends_with("(and 1 more problem)"),
+            "{}",
+            status.message
+        );
+        // The HTTPRoute of the same name is another object, still in effect.
+        assert!(t.status(HTTP_ROUTE, "shop", "reviews").unwrap().accepted);
+        assert_eq!(t.mesh, without.mesh);
+
+        let t = translated(&format!(
+            "{SHOP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, name: reviews}}]
+  rules: [{{backendRefs: [{{name: nowhere, port: 8080}}]}}]
+"
+        ));
+        let status = t.status(GRPC_ROUTE, "shop", "reviews").unwrap();
+        assert!(!status.accepted && !status.resolved_refs);
+        assert!(
+            status
+                .message
+                .starts_with("spec.rules[0].backendRefs[0].name: no Service shop/nowhere"),
             "{}",
             status.message
         );

@@ -307,6 +307,11 @@ async fn an_invalid_field_is_reported_with_file_and_field_and_changes_nothing() 
             .iter()
             .find(|o| o["kind"] == "TrafficPolicy" && o["accepted"] == false);
         if let Some(object) = found {
+            let file = object["file"].as_str().unwrap_or("");
+            assert!(
+                file.ends_with("retries.yaml"),
+                "the rejection names the file: {object}"
+            );
             break object["message"].as_str().unwrap().to_owned();
         }
         assert!(Instant::now() < deadline, "never rejected: {status}");
