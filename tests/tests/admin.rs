@@ -105,3 +105,44 @@ fn a_missing_config_file_is_named() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn with_a_control_plane_the_proxy_is_not_ready_until_its_first_config() {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    /// Kills the proxy however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // Nothing listens there: the proxy keeps trying and must say why it is not ready.
+    let _proxy = Kill(
+        pod.command(proxy_bin().to_str().unwrap())
+            .args(["run", "--control-plane", "http://127.0.0.1:1"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let answer = loop {
+        if let Ok((status, _, body)) = get(&pod, admin(), "/ready").await {
+            break (status, String::from_utf8_lossy(&body).into_owned());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admin port never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(answer.0, 503);
+    assert!(
+        answer
+            .1
+            .contains("waiting for the first config from the control plane"),
+        "{}",
+        answer.1
+    );
+}
