@@ -20,12 +20,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-/// One file's objects, as last parsed without error.
-#[derive(Default, Clone)]
-struct FileObjects {
-    objects: Objects,
-}
-
 /// The errors of the last scan, by file, for the admin port.
 #[derive(Clone, Default)]
 pub struct FileErrors(pub Arc<Mutex<BTreeMap<String, String>>>);
@@ -138,7 +132,8 @@ fn merge(into: &mut Objects, from: &Objects) {
 
 /// Watches `dir` (polling every `every`) and reports each changed state to `hub`.
 pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) {
-    let mut last_good: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
+    // Each file's objects, as last parsed without error.
+    let mut last_good: BTreeMap<PathBuf, Objects> = BTreeMap::new();
     let mut seen = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,7 +152,7 @@ pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) 
         for path in &files {
             match parse_file(path) {
                 Ok(objects) => {
-                    last_good.insert(path.clone(), FileObjects { objects });
+                    last_good.insert(path.clone(), objects);
                 }
                 Err(error) => {
                     tracing::error!(file = %path.display(), %error, "file not applied; its last good version stays");
@@ -168,7 +163,7 @@ pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) 
         *errors.0.lock().unwrap_or_else(|p| p.into_inner()) = file_errors;
         let mut objects = Objects::default();
         for file in last_good.values() {
-            merge(&mut objects, &file.objects);
+            merge(&mut objects, file);
         }
         hub.update(objects);
     }

@@ -60,10 +60,8 @@ pub async fn run(
             failures + 1
         };
         // Full jitter, so a restarted control plane is not met by every proxy at once.
-        let ceiling = BACKOFF_BASE
-            .saturating_mul(1 << failures.min(10))
-            .min(BACKOFF_MAX);
-        tokio::time::sleep(ceiling.mul_f64(rng.unit())).await;
+        let wait = crate::retry::backoff(BACKOFF_BASE, BACKOFF_MAX, failures, &rng);
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -160,7 +160,9 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
 
 /// Tells the admin port once the first config is in place.
 async fn mark_loaded(mut loaded: tokio::sync::watch::Receiver<bool>, admin: Arc<AdminState>) {
-    if loaded.wait_for(|loaded| *loaded).await.is_ok() || *loaded.borrow() {
+    // Ok at once with a config file (the value starts true); with a control plane,
+    // once the first version is applied.
+    if loaded.wait_for(|loaded| *loaded).await.is_ok() {
         admin.config_loaded.store(true, Ordering::Release);
     }
 }
