@@ -8,7 +8,7 @@
 //! their one typed form is the proxy's model in `trellis-proto`, which has no
 //! `JsonSchema`. Translation deserialises each section into the model type, so a
 //! bad value is reported on the object's status with the field named
-//! (`spec.retry.on[0]: unknown variant ...`) and the same checks hold in a cluster
+//! (`spec.retry.retryOn[0]: unknown variant ...`) and the same checks hold in a cluster
 //! and in local mode. `targetRefs` and `ports` are typed, as the API server can
 //! check them itself.
 //!
@@ -59,7 +59,7 @@ pub struct TrafficPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub timeouts: Option<Value>,
-    /// `{attempts, on, statusCodes, backoff, budget, retryNonIdempotent}`.
+    /// `{attempts, retryOn, statusCodes, backoff, budget, retryNonIdempotent}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub retry: Option<Value>,
@@ -323,7 +323,7 @@ kind: TrafficPolicy
 metadata: {name: reviews, namespace: shop}
 spec:
   targetRefs: [{group: \"\", kind: Service, name: reviews}]
-  retry: {attempts: 2, on: [gateway-error]}
+  retry: {attempts: 2, retryOn: [gateway-error]}
 ",
         )
         .unwrap();

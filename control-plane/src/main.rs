@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-use trellis_control_plane::{admin, hub::Hub, kube_source, local, server};
+use trellis_control_plane::{admin, discovery, hub::Hub, source};
 
 #[derive(Parser)]
 #[command(
@@ -66,21 +66,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ])
-        .context("metric buckets")?
-        .build_recorder();
+    let recorder = admin::metrics_recorder().context("metric buckets")?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).context("metrics recorder")?;
+    admin::describe_metrics();
 
     let hub = Hub::start(cli.debounce, cli.debounce * 10);
-    let proxies = server::Proxies::default();
-    let file_errors = local::FileErrors::default();
-    let source = match &cli.local {
+    let proxies = discovery::Proxies::default();
+    let file_errors = source::local::FileErrors::default();
+    let reading = match &cli.local {
         Some(dir) => {
-            tokio::spawn(local::watch(
+            tokio::spawn(source::local::watch(
                 dir.clone(),
                 cli.poll,
                 hub.clone(),
@@ -92,7 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes mode: cannot configure a client (in-cluster config or KUBECONFIG); use --local DIR for local mode")?;
-            tokio::spawn(kube_source::run(client, hub.clone()));
+            tokio::spawn(source::kube::run(client, hub.clone()));
             "Kubernetes API".to_owned()
         }
     };
@@ -112,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_addr)
         .await
         .with_context(|| format!("cannot bind the gRPC port {}", cli.grpc_addr))?;
-    tracing::info!(%source, grpc = %cli.grpc_addr, admin = %cli.admin_addr, "control plane started");
+    tracing::info!(source = %reading, grpc = %cli.grpc_addr, admin = %cli.admin_addr, "control plane started");
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -124,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     tonic::transport::Server::builder()
-        .add_service(server::DiscoveryService::new(hub, proxies))
+        .add_service(discovery::DiscoveryService::new(hub, proxies))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             async {

@@ -1,11 +1,13 @@
 //! Local mode: a directory of the same YAML an operator would `kubectl apply`
 //! (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, TrafficPolicies,
-//! ServerPolicies),
-//! read again whenever a file in it changes.
+//! ServerPolicies), read again whenever a file in it changes, and reported whole
+//! to the [`Hub`].
 //!
 //! A document that does not parse as its kind is reported with its file, document
-//! number and field; the last version of that file that parsed stays in effect, so a
-//! bad edit changes nothing.
+//! number and field (in the log and on the admin port's `/status`); the last
+//! version of that file that parsed stays in effect, so a bad edit changes nothing.
+//! Each object's file is kept in [`Objects::origins`], so a status can name the
+//! file as well as the field.
 
 use crate::{
     crd::{ServerPolicy, TrafficPolicy},
