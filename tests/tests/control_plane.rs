@@ -88,7 +88,7 @@ kind: TrafficPolicy
 metadata: {name: ratings, namespace: shop}
 spec:
   targetRefs: [{group: '', kind: Service, name: ratings}]
-  retry: {attempts: 10, on: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 100}}
+  retry: {attempts: 10, retryOn: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 100}}
 ";
 
 /// Pods: client (0) and server (1) with sidecars, the control plane (2).
@@ -296,7 +296,7 @@ async fn an_invalid_field_is_reported_with_file_and_field_and_changes_nothing() 
     // A policy value the model refuses: reported, and the last good policy stays.
     mesh.cp.write(
         "retries.yaml",
-        &RETRIES.replace("on: [5xx]", "on: [sometimes]"),
+        &RETRIES.replace("retryOn: [5xx]", "retryOn: [sometimes]"),
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     let message = loop {
@@ -317,9 +317,9 @@ async fn an_invalid_field_is_reported_with_file_and_field_and_changes_nothing() 
         assert!(Instant::now() < deadline, "never rejected: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(message.contains("spec.retry.on[0]"), "{message}");
+    assert!(message.contains("spec.retry.retryOn[0]"), "{message}");
     assert!(
-        mesh.cp.log().contains("spec.retry.on[0]"),
+        mesh.cp.log().contains("spec.retry.retryOn[0]"),
         "{}",
         mesh.cp.log()
     );

@@ -347,7 +347,7 @@ async fn objects_created_through_the_api_reach_a_connected_proxy() {
             "metadata": {"name": "reviews", "namespace": "shop"},
             "spec": {
                 "targetRefs": [{"kind": "Service", "name": "reviews"}],
-                "retry": {"attempts": 3, "on": ["5xx", "reset"]},
+                "retry": {"attempts": 3, "retryOn": ["5xx", "reset"]},
             },
         }),
     )
@@ -392,7 +392,7 @@ async fn objects_created_through_the_api_reach_a_connected_proxy() {
         "{entry:#}"
     );
     assert_eq!(
-        route["policy"]["retry"]["on"],
+        route["policy"]["retry"]["retryOn"],
         json!(["5xx", "reset"]),
         "{entry:#}"
     );
@@ -470,7 +470,7 @@ async fn an_invalid_traffic_policy_gets_accepted_false_naming_the_field() {
             "metadata": {"name": "ratings", "namespace": "shop"},
             "spec": {
                 "targetRefs": [{"kind": "Service", "name": "ratings"}],
-                "retry": {"on": ["sometimes"]},
+                "retry": {"retryOn": ["sometimes"]},
             },
         }),
     )
@@ -498,7 +498,7 @@ async fn an_invalid_traffic_policy_gets_accepted_false_naming_the_field() {
     assert_eq!(accepted["status"], "False", "{status:#}\n{}", cp.log());
     let message = accepted["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("spec.retry.on[0]"),
+        message.contains("spec.retry.retryOn[0]"),
         "the message names the field: {status:#}"
     );
     assert!(
@@ -525,7 +525,7 @@ async fn an_invalid_traffic_policy_gets_accepted_false_naming_the_field() {
     api.patch(
         "ratings",
         &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(json!({"spec": {"retry": {"on": ["5xx"]}}})),
+        &kube::api::Patch::Merge(json!({"spec": {"retry": {"retryOn": ["5xx"]}}})),
     )
     .await
     .expect("patch the policy");

@@ -68,7 +68,7 @@ fn flags(headers: &HeaderMap) -> &str {
 #[tokio::test]
 async fn retries_hide_a_30_percent_failure_rate_and_their_absence_shows_it() {
     let retry = "policy:
-  retry: {attempts: 5, on: [5xx], backoff: {base: 1ms, max: 5ms}, budget: {percent: 100}}";
+  retry: {attempts: 5, retryOn: [5xx], backoff: {base: 1ms, max: 5ms}, budget: {percent: 100}}";
     let cfg = config(&[
         service("with-retries", 80, &[FLAKY], retry),
         service("without", 80, &[FLAKY], ""),
@@ -112,7 +112,7 @@ async fn retries_hide_a_30_percent_failure_rate_and_their_absence_shows_it() {
 #[tokio::test]
 async fn the_retry_budget_caps_retries_in_an_outage() {
     // Every request fails; the default budget (20 % + 10/s) must hold retries down.
-    let cfg = config(&[service("down", 80, &[BROKEN], "policy:\n  retry: {attempts: 3, on: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 20, minPerSecond: 1}}")]);
+    let cfg = config(&[service("down", 80, &[BROKEN], "policy:\n  retry: {attempts: 3, retryOn: [5xx], backoff: {base: 1ms, max: 2ms}, budget: {percent: 20, minPerSecond: 1}}")]);
     let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;
     for _ in 0..200 {
         let (status, headers) = call(&mesh, "down.shop", "/", &[]).await;
@@ -134,7 +134,7 @@ async fn a_retry_after_a_reset_goes_to_another_endpoint() {
         "mixed",
         80,
         &[RESET, HTTP],
-        "policy:\n  retry: {attempts: 1, on: [gateway-error], backoff: {base: 1ms, max: 2ms}}",
+        "policy:\n  retry: {attempts: 1, retryOn: [gateway-error], backoff: {base: 1ms, max: 2ms}}",
     )]);
     let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;
     for _ in 0..50 {
@@ -148,7 +148,7 @@ async fn a_retry_after_a_reset_goes_to_another_endpoint() {
 async fn request_and_per_try_timeouts_answer_504_ut() {
     let cfg = config(&[
         service("slow", 80, &[HTTP], "policy:\n  timeouts: {request: 300ms}"),
-        service("per-try", 80, &[HTTP], "policy:\n  timeouts: {request: 5s, perTry: 200ms}\n  retry: {attempts: 2, on: [5xx], backoff: {base: 1ms, max: 2ms}}"),
+        service("per-try", 80, &[HTTP], "policy:\n  timeouts: {request: 5s, perTry: 200ms}\n  retry: {attempts: 2, retryOn: [5xx], backoff: {base: 1ms, max: 2ms}}"),
     ]);
     let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;
     let start = std::time::Instant::now();
@@ -433,7 +433,7 @@ async fn grpc_retries_unavailable_and_faults_answer_with_a_grpc_status() {
     routes:
       - matches: [{{headers: [{{name: x-fault, type: Present}}]}}]
         policy: {{fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED, httpStatus: 503}}}}}}
-      - policy: {{retry: {{attempts: 2, on: [unavailable], backoff: {{base: 1ms, max: 2ms}}}}}}
+      - policy: {{retry: {{attempts: 2, retryOn: [unavailable], backoff: {{base: 1ms, max: 2ms}}}}}}
 "
     );
     let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;

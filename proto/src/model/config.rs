@@ -50,7 +50,9 @@ pub struct Service {
     /// endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
-    /// Policy for every route of the service; a route's own sections win.
+    /// Call sections apply to every route of the service (a route's own win);
+    /// destination sections apply to the service's endpoints wherever they are
+    /// called, directly or as the backend of another service's route.
     #[serde(default, skip_serializing_if = "is_default")]
     pub policy: Policy,
 }
@@ -71,6 +73,8 @@ pub struct Route {
     pub matches: Vec<RouteMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendRef>,
+    /// Call sections only, over the service's; a destination section is refused
+    /// here, since it belongs to the backend, not to the route.
     #[serde(default, skip_serializing_if = "is_default")]
     pub policy: Policy,
 }
@@ -293,6 +297,15 @@ impl Config {
                         ));
                     }
                 }
+                if let Some(field) = route.policy.destination_field() {
+                    return Err((
+                        at(format!("policy.{field}")),
+                        format!(
+                            "{field} follows the destination, not the route: set it in the \
+                             policy of the service whose endpoints are called"
+                        ),
+                    ));
+                }
                 if !route.backends.is_empty() && route.backends.iter().all(|b| b.weight == 0) {
                     return Err((
                         at("backends".to_owned()),
@@ -353,7 +366,7 @@ pub(crate) mod tests {
           - {name: reviews-v1, port: 8080, weight: 90}
           - {name: reviews-v2, port: 8080, weight: 10}
         policy:
-          retry: {attempts: 3, on: [5xx]}
+          retry: {attempts: 3, retryOn: [5xx]}
   - {name: reviews-v1, port: 8080, endpoints: [{address: 198.18.0.2:8080}]}
   - {name: reviews-v2, port: 8080, endpoints: [{address: 198.18.0.3:8080}]}
 ";
@@ -379,9 +392,20 @@ pub(crate) mod tests {
         let base = "services:\n  - name: a\n    port: 80\n    policy:\n";
         let cases = [
             (
-                "      retry: {on: [sometimes]}\n",
-                "services[0].policy.retry.on[0]",
+                "      retry: {retryOn: [sometimes]}\n",
+                "services[0].policy.retry.retryOn[0]",
                 "unknown variant `sometimes`",
+            ),
+            (
+                "      retry: {on: [5xx]}\n",
+                "services[0].policy.retry.on",
+                "the field is `retryOn`",
+            ),
+            (
+                // What kubectl sends for `on:` after reading it as YAML 1.1.
+                "      retry: {\"true\": [5xx]}\n",
+                "services[0].policy.retry.true",
+                "the field is `retryOn`",
             ),
             (
                 "      fault: {abort: {httpStatus: 503, percent: 120}}\n",
@@ -429,6 +453,12 @@ pub(crate) mod tests {
         assert_eq!(err.path, "services[0].routes[0].backends[0].name");
         assert!(err.message.contains("ghost.default:8080"), "{err}");
 
+        let err = error_for(&ROUTED.replace(
+            "retry: {attempts: 3, retryOn: [5xx]}",
+            "outlierDetection: {consecutive5xx: 3}",
+        ));
+        assert_eq!(err.path, "services[0].routes[1].policy.outlierDetection");
+        assert!(err.message.contains("follows the destination"), "{err}");
         let err =
             error_for(&ROUTED.replace("matches: [{headers", "matches: [{method: get, headers"));
         assert!(err.message.contains("not an HTTP method"), "{err}");

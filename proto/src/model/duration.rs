@@ -27,18 +27,19 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
+        let too_long = || format!("duration {text:?} is too long");
         let part = match &rest[..unit_len] {
             "ms" => Duration::from_millis(value),
             "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value.saturating_mul(60)),
-            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            "m" => Duration::from_secs(value.checked_mul(60).ok_or_else(too_long)?),
+            "h" => Duration::from_secs(value.checked_mul(3600).ok_or_else(too_long)?),
             unit => {
                 return Err(format!(
                     "invalid duration {text:?}: unknown unit {unit:?} (use ms, s, m or h)"
                 ))
             }
         };
-        total += part;
+        total = total.checked_add(part).ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     if total.is_zero() {
@@ -92,6 +93,21 @@ mod tests {
         assert!(parse("10").unwrap_err().contains("unknown unit"));
         assert!(parse("10 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn refuses_durations_that_overflow_instead_of_panicking() {
+        for text in [
+            "18446744073709551615s1s",
+            "18446744073709551615m",
+            "18446744073709551615h",
+            "18446744073709551615s18446744073709551615s",
+        ] {
+            assert!(parse(text).unwrap_err().contains("too long"), "{text}");
+        }
+        assert!(parse("99999999999999999999s")
+            .unwrap_err()
+            .contains("number too large"));
     }
 
     #[test]

@@ -30,6 +30,42 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The sections that say how a call is made (`timeouts`, `retry`, `rateLimit`,
+    /// `fault`): they apply to calls addressed to the service or route that has them.
+    pub fn call_sections(&self) -> Policy {
+        Policy {
+            connection_pool: None,
+            outlier_detection: None,
+            load_balancer: None,
+            ..self.clone()
+        }
+    }
+
+    /// The sections that say how a destination is treated (`connectionPool`,
+    /// `outlierDetection`, `loadBalancer`): they apply wherever the service's
+    /// endpoints are called, directly or as another service's route backend.
+    pub fn destination_sections(&self) -> Policy {
+        Policy {
+            connection_pool: self.connection_pool.clone(),
+            outlier_detection: self.outlier_detection.clone(),
+            load_balancer: self.load_balancer.clone(),
+            ..Policy::default()
+        }
+    }
+
+    /// The first destination section set here, by its field name.
+    pub fn destination_field(&self) -> Option<&'static str> {
+        if self.connection_pool.is_some() {
+            Some("connectionPool")
+        } else if self.outlier_detection.is_some() {
+            Some("outlierDetection")
+        } else if self.load_balancer.is_some() {
+            Some("loadBalancer")
+        } else {
+            None
+        }
+    }
+
     /// This policy with every section `narrower` sets taken from it instead: a
     /// route's policy over its service's.
     pub fn overridden_by(&self, narrower: &Policy) -> Policy {
@@ -104,7 +140,17 @@ pub struct Retry {
     #[serde(default = "default_attempts")]
     pub attempts: u32,
     #[serde(default = "default_retry_on")]
-    pub on: Vec<RetryOn>,
+    pub retry_on: Vec<RetryOn>,
+    /// `on`, the old name, refused: YAML 1.1 tools (kubectl) read the key `on` as
+    /// `true`, so it could never mean what the operator wrote.
+    #[serde(
+        default,
+        rename = "on",
+        alias = "true",
+        skip_serializing,
+        deserialize_with = "renamed_to_retry_on"
+    )]
+    old_on: Retired,
     #[serde(default)]
     pub status_codes: Vec<StatusCode>,
     #[serde(default)]
@@ -113,6 +159,16 @@ pub struct Retry {
     pub budget: Budget,
     #[serde(default)]
     pub retry_non_idempotent: bool,
+}
+
+/// A field that is no longer read, kept only to refuse it by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Retired;
+
+fn renamed_to_retry_on<'de, D: Deserializer<'de>>(_: D) -> Result<Retired, D::Error> {
+    Err(D::Error::custom(
+        "the field is `retryOn`: YAML 1.1 tools such as kubectl read the key `on` as `true`",
+    ))
 }
 
 fn default_attempts() -> u32 {
@@ -276,7 +332,7 @@ pub struct LoadBalancer {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HashOn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub header: Option<String>,
+    pub header: Option<HeaderKey>,
     #[serde(default, rename = "sourceIP")]
     pub source_ip: bool,
 }
@@ -293,7 +349,7 @@ pub struct RateLimit {
     pub fill_interval: Duration,
     /// One bucket per value of this header (requests without it share one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_header: Option<String>,
+    pub key_header: Option<HeaderKey>,
     #[serde(default = "default_max_keys")]
     pub max_keys: Limit,
 }
@@ -342,6 +398,26 @@ pub struct FaultAbort {
 
 fn all() -> Percent {
     Percent(100.0)
+}
+
+/// A header name a policy keys on, checked when parsed (so a typo is refused with
+/// its field, not silently ignored) and kept lower-cased, as HTTP/2 sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderKey(pub http::HeaderName);
+
+impl Serialize for HeaderKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        http::HeaderName::from_bytes(text.as_bytes())
+            .map(HeaderKey)
+            .map_err(|_| D::Error::custom(format!("{text:?} is not a header name")))
+    }
 }
 
 /// A percentage, 0 to 100.

@@ -122,11 +122,11 @@ mod tests {
         let mut resources = BTreeMap::new();
         resources.insert(
             "service/shop/web/80".to_owned(),
-            br#"{"name":"web","namespace":"shop","port":80,"policy":{"retry":{"on":["sometimes"]}}}"#.to_vec(),
+            br#"{"name":"web","namespace":"shop","port":80,"policy":{"retry":{"retryOn":["sometimes"]}}}"#.to_vec(),
         );
         let err = from_resources(&resources).unwrap_err();
         assert_eq!(err.resource, "service/shop/web/80");
-        assert_eq!(err.path, "policy.retry.on[0]");
+        assert_eq!(err.path, "policy.retry.retryOn[0]");
         assert!(err.message.contains("unknown variant"), "{err}");
 
         // A reference to a service that is not there is named on the referring one.

@@ -129,21 +129,23 @@ struct Row {
 }
 
 /// The client sidecar's config for the policy row: one service with every stage of
-/// the stack on its route, none of which should trip (limits far above the load).
+/// the stack (call sections on its route, destination sections on the service),
+/// none of which should trip (limits far above the load).
 const FULL_POLICY: &str = "services:
   - name: bench
     namespace: shop
     port: 8080
     endpoints: [{address: 198.18.0.3:8080}]
+    policy:
+      connectionPool: {maxConnections: 10000, maxRequests: 10000, maxPendingRequests: 10000}
+      loadBalancer: {type: P2CEwma}
+      outlierDetection: {}
     routes:
       - matches: [{path: {value: /}}]
         policy:
           timeouts: {request: 10s, perTry: 5s}
-          retry: {attempts: 2, on: [connect-failure, reset, gateway-error]}
-          connectionPool: {maxConnections: 10000, maxRequests: 10000, maxPendingRequests: 10000}
+          retry: {attempts: 2, retryOn: [connect-failure, reset, gateway-error]}
           rateLimit: {maxTokens: 4000000000, fillInterval: 1s}
-          loadBalancer: {type: P2CEwma}
-          outlierDetection: {}
 ";
 
 struct Setup {

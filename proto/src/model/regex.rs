@@ -1,0 +1,27 @@
+//! The one regex rule of route matching, shared by the proxy (which compiles
+//! routes) and the control plane (which checks them before sending): a pattern
+//! must match the whole path or value, as Envoy's and Gateway API's do.
+
+use ::regex::Regex;
+
+/// Compiles `pattern` anchored at both ends; the error names the pattern.
+pub fn full_match(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex {pattern:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_the_whole_value_only() {
+        let re = full_match("/v[0-9]+/.*").unwrap();
+        assert!(re.is_match("/v2/items"));
+        assert!(!re.is_match("/xv2/items"));
+        // An alternation is anchored as a whole, not only its first branch.
+        let re = full_match("a|b").unwrap();
+        assert!(re.is_match("b"));
+        assert!(!re.is_match("ab"));
+        assert!(full_match("(").unwrap_err().contains("invalid regex \"(\""));
+    }
+}

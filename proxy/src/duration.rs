@@ -1,2 +1,0 @@
-//! Durations as operators write them (shared with the control plane).
-pub use trellis_proto::model::duration::*;
