@@ -7,7 +7,7 @@
 
 use http::Request;
 use std::{hint::black_box, time::Instant};
-use trellis_proxy::{config::Config, pool::Pool, table::RouteTable};
+use trellis_proxy::{config::Config, routing::table::RouteTable, upstream::pool::Pool};
 
 fn many_services(n: usize) -> String {
     let mut yaml = String::from("services:\n");

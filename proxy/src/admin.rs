@@ -4,7 +4,7 @@
 //! 503 with the reason otherwise), `GET /metrics`, `GET /config_dump`,
 //! `POST /shutdown`.
 
-use crate::{server::Settings, table::SharedTable};
+use crate::{routing::table::SharedTable, settings::Settings};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;

@@ -1,36 +1,32 @@
-//! Trellis sidecar proxy: the data plane of the Trellis service mesh.
+//! Trellis sidecar proxy: the data plane of the Trellis service mesh. The modules,
+//! in the order a connection meets them:
 //!
-//! A pod's TCP traffic is redirected here by the iptables rules that [`iptables`]
-//! writes. Each accepted connection has its original destination recovered and its
-//! protocol detected ([`detect`]) in [`server`], and is then forwarded either as
-//! opaque bytes ([`tcp`]) or request by request ([`http`]) over pooled upstream
-//! connections ([`pool`]). Named services, their routes and policy come from the
-//! config ([`config`], [`policy`]), compiled into an immutable [`table::RouteTable`]
-//! that requests read lock-free; each route runs the policy stack of [`stack`].
+//! - [`iptables`]: `trellis-proxy init` writes the rules that redirect a pod's TCP here.
+//! - [`run`]: `trellis-proxy run` starts everything below and drains on shutdown.
+//! - [`listen`]: accepts a connection, recovers its original destination, detects
+//!   its protocol, and forwards opaque bytes or hands HTTP on.
+//! - [`http`]: the hyper service; picks the service and route a request takes and
+//!   builds every response the proxy makes itself ([`http::respond`]).
+//! - [`routing`]: the immutable table of services, routes and destinations, and
+//!   route matching; a new config is applied to it as a diff.
+//! - [`stack`]: the policy stages in request order, and how a route's and a
+//!   destination's stages are put together.
+//! - [`upstream`]: forwarding one request to one endpoint over pooled connections.
+//! - [`config`]: where config comes from (a file, or the control plane).
+//! - [`admin`], [`metrics`]: the admin port and what it reports.
+//! - [`settings`], [`shutdown`], [`backoff`], [`rng`]: shared plumbing.
 
 pub mod admin;
-pub mod balance;
-pub mod body;
-pub mod breaker;
+pub mod backoff;
 pub mod config;
-pub mod detect;
-pub mod discovery;
-pub mod duration;
-pub mod fault;
 pub mod http;
-pub mod io;
 pub mod iptables;
+pub mod listen;
 pub mod metrics;
-pub mod policy;
-pub mod pool;
-pub mod ratelimit;
-pub mod retry;
 pub mod rng;
-pub mod route;
-pub mod server;
+pub mod routing;
+pub mod run;
+pub mod settings;
 pub mod shutdown;
-pub mod split;
 pub mod stack;
-pub mod table;
-pub mod tcp;
-pub mod timeout;
+pub mod upstream;

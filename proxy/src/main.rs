@@ -5,11 +5,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{
     collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
 };
+use trellis_proto::model::duration;
 use trellis_proxy::{
     config::Config,
-    duration,
     iptables::{self, Cidr, Rules},
-    server::{self, Settings, DEFAULT_OPAQUE_PORTS},
+    settings::{Identity, Settings, DEFAULT_OPAQUE_PORTS},
 };
 
 #[derive(Parser)]
@@ -189,7 +189,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         config_file: args.config,
         control_plane: args.control_plane,
-        identity: trellis_proxy::discovery::Identity {
+        identity: Identity {
             namespace: args.pod_namespace,
             pod: args.pod_name,
             service_account: args.service_account,
@@ -217,6 +217,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .build()
     }
     .context("cannot start the async runtime")?;
-    runtime.block_on(server::run(settings, config))?;
+    runtime.block_on(trellis_proxy::run::run(settings, config))?;
     Ok(())
 }

@@ -1,8 +1,10 @@
-//! Metric names, label helpers and the Prometheus recorder behind `/metrics`.
+//! Metric names, what each means (the `# HELP` lines of `/metrics`), label
+//! helpers and the Prometheus recorder behind `/metrics`.
 //!
 //! Every label takes a bounded set of values: direction, protocol, the configured
-//! service (never a raw host), status code, response flags.
+//! service, route and backend (never a raw host or path), status code, flags.
 
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -11,6 +13,77 @@ pub const REQUEST_DURATION: &str = "trellis_request_duration_seconds";
 pub const TCP_CONNECTIONS_TOTAL: &str = "trellis_tcp_connections_total";
 pub const TCP_CONNECTIONS_OPEN: &str = "trellis_tcp_connections_open";
 pub const TCP_BYTES_TOTAL: &str = "trellis_tcp_bytes_total";
+pub const RETRIES_TOTAL: &str = "trellis_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "trellis_retry_budget_exhausted_total";
+pub const RETRY_OVERFLOW_TOTAL: &str = "trellis_retry_overflow_total";
+pub const RATELIMITED_TOTAL: &str = "trellis_ratelimited_total";
+pub const FAULTS_INJECTED_TOTAL: &str = "trellis_faults_injected_total";
+pub const OVERFLOW_TOTAL: &str = "trellis_overflow_total";
+/// Counter, label `backend`: one per ejection.
+pub const OUTLIER_EJECTIONS_TOTAL: &str = "trellis_outlier_ejections_total";
+/// Gauge, label `backend`: endpoints ejected right now.
+pub const ENDPOINTS_EJECTED: &str = "trellis_endpoints_ejected";
+pub const CONFIG_RELOADS_TOTAL: &str = "trellis_config_reloads_total";
+
+/// Says what every metric means, so `/metrics` carries a `# HELP` line for each.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "HTTP requests proxied, by direction, protocol, service, route, backend, status code and response flags"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from a request's arrival to its response headers, by direction, protocol, service and route"
+    );
+    describe_counter!(
+        TCP_CONNECTIONS_TOTAL,
+        "Connections accepted, by direction and detected protocol"
+    );
+    describe_gauge!(
+        TCP_CONNECTIONS_OPEN,
+        "Connections open now, by direction and detected protocol"
+    );
+    describe_counter!(
+        TCP_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes relayed for clients, by direction, protocol and flow"
+    );
+    describe_counter!(RETRIES_TOTAL, "Retries sent, by service and route");
+    describe_counter!(
+        RETRY_BUDGET_EXHAUSTED_TOTAL,
+        "Retries not sent because the route's retry budget was spent, by service and route"
+    );
+    describe_counter!(
+        RETRY_OVERFLOW_TOTAL,
+        "Retries not sent because maxRetries were already in flight, by service and route"
+    );
+    describe_counter!(
+        RATELIMITED_TOTAL,
+        "Requests refused with 429 by a rate limit: outbound by service and route, inbound by port"
+    );
+    describe_counter!(
+        FAULTS_INJECTED_TOTAL,
+        "Faults injected (kind delay or abort), by service and route"
+    );
+    describe_counter!(
+        OVERFLOW_TOTAL,
+        "Requests refused with 503 UO by a destination's connection pool limits, by backend"
+    );
+    describe_counter!(
+        OUTLIER_EJECTIONS_TOTAL,
+        "Endpoints ejected by outlier detection, by backend"
+    );
+    describe_gauge!(
+        ENDPOINTS_EJECTED,
+        "Endpoints ejected by outlier detection now, by backend"
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Config file reloads, by result (ok, or error when the running config was kept)"
+    );
+}
 
 /// Which side of the pod a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +122,7 @@ pub fn install() -> PrometheusHandle {
             // Fails only if a recorder is already installed (tests in one process);
             // then that one keeps recording and this handle renders nothing new.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
             handle
         })
         .clone()
@@ -68,6 +142,46 @@ pub fn status_label(code: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_metric_has_help() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            for name in [
+                REQUESTS_TOTAL,
+                TCP_CONNECTIONS_TOTAL,
+                TCP_BYTES_TOTAL,
+                RETRIES_TOTAL,
+                RETRY_BUDGET_EXHAUSTED_TOTAL,
+                RETRY_OVERFLOW_TOTAL,
+                RATELIMITED_TOTAL,
+                FAULTS_INJECTED_TOTAL,
+                OVERFLOW_TOTAL,
+                OUTLIER_EJECTIONS_TOTAL,
+                CONFIG_RELOADS_TOTAL,
+            ] {
+                metrics::counter!(name).increment(1);
+            }
+            metrics::gauge!(TCP_CONNECTIONS_OPEN).set(1.0);
+            metrics::gauge!(ENDPOINTS_EJECTED).set(1.0);
+            metrics::histogram!(REQUEST_DURATION).record(0.1);
+        });
+        let text = handle.render();
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert_eq!(types.len(), 14, "{text}");
+        for name in types {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP line:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn status_labels_are_the_codes() {

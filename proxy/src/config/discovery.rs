@@ -1,32 +1,28 @@
 //! Dynamic mode: config from the control plane over the discovery stream.
 //!
 //! The proxy opens one stream, says who it is, and applies each version it receives
-//! by rebuilding its [`RouteTable`] and swapping it in; it answers every version with
-//! an ACK, or a NACK naming the resource and field it refused (keeping the table it
-//! had). When the stream breaks it keeps serving its last good config and reconnects
-//! with jittered exponential backoff.
+//! as a change to its running table ([`crate::routing::table::RouteTable::next`],
+//! so state survives); it answers every version with an ACK, or a NACK naming the
+//! resource and field it refused. When the stream breaks it keeps serving its last
+//! good config and reconnects with jittered exponential backoff.
 //!
-//! Two resource sets are kept: `received`, what the control plane believes this
-//! proxy has (incremental updates apply on top of it, refused or not), and the
-//! table actually running, built from the last version that was accepted.
+//! A refused resource blocks only itself: the rest of its version applies, the
+//! resource keeps its last accepted form (or stays absent), and later versions that
+//! do not touch it apply as usual. The proxy keeps `accepted`, the resources its
+//! table runs; each version's changes are tried on top of it.
 
-use crate::{pool::Pool, rng::Rng, table::RouteTable, table::SharedTable};
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use crate::upstream::pool::Pool;
+use crate::{backoff::backoff, rng::Rng, routing::table::SharedTable, settings::Identity};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 use tokio::sync::{mpsc, watch};
 use trellis_proto::{
-    model::resources::{from_resources, ResourceError},
+    model::resources::{from_resources, service_name, ResourceError},
     v1::{discovery_client::DiscoveryClient, DiscoveryRequest, DiscoveryResponse, Nack, Node},
 };
-
-/// Who this proxy is, as the injector describes it.
-#[derive(Debug, Clone, Default)]
-pub struct Identity {
-    pub namespace: String,
-    pub pod: String,
-    pub service_account: String,
-    pub node: String,
-    pub pod_ip: String,
-}
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -41,11 +37,7 @@ pub async fn run(
     loaded: watch::Sender<bool>,
 ) {
     let rng = Rng::from_entropy();
-    let mut state = State {
-        received: BTreeMap::new(),
-        applied_version: String::new(),
-        responses: 0,
-    };
+    let mut state = State::default();
     let mut failures = 0u32;
     loop {
         let seen = state.responses;
@@ -60,13 +52,15 @@ pub async fn run(
             failures + 1
         };
         // Full jitter, so a restarted control plane is not met by every proxy at once.
-        let wait = crate::retry::backoff(BACKOFF_BASE, BACKOFF_MAX, failures, &rng);
+        let wait = backoff(BACKOFF_BASE, BACKOFF_MAX, failures, &rng);
         tokio::time::sleep(wait).await;
     }
 }
 
+#[derive(Default)]
 struct State {
-    received: BTreeMap<String, Vec<u8>>,
+    /// The resources the running table was built from, by name.
+    accepted: BTreeMap<String, Vec<u8>>,
     applied_version: String,
     responses: u64,
 }
@@ -131,61 +125,95 @@ fn apply(
     pool: &Arc<Pool>,
     state: &mut State,
 ) -> DiscoveryRequest {
+    // What this version changes, on top of what runs.
+    let mut candidate = state.accepted.clone();
+    let mut changed: BTreeSet<&str> = BTreeSet::new();
     if response.full {
-        state.received.clear();
+        changed.extend(state.accepted.keys().map(String::as_str));
+        candidate.clear();
     }
     for resource in &response.resources {
-        state
-            .received
-            .insert(resource.name.clone(), resource.json.clone());
+        candidate.insert(resource.name.clone(), resource.json.clone());
+        changed.insert(&resource.name);
     }
     for name in &response.removed {
-        state.received.remove(name);
+        candidate.remove(name);
+        changed.insert(name);
     }
-    let built = from_resources(&state.received)
-        .and_then(|config| {
-            crate::config::check_routes(&config).map_err(|(path, message)| {
-                // "services[i]..." names a service; say which resource that is.
-                let resource = path
-                    .strip_prefix("services[")
-                    .and_then(|rest| rest.split_once(']'))
-                    .and_then(|(i, _)| config.services.get(i.parse::<usize>().ok()?))
-                    .map(trellis_proto::model::resources::service_name)
-                    .unwrap_or_default();
-                ResourceError {
-                    resource,
-                    path,
-                    message,
-                }
-            })?;
-            Ok(config)
-        })
-        .and_then(|config| {
-            RouteTable::new(config, pool).map_err(|message| ResourceError {
-                resource: String::new(),
-                path: String::new(),
-                message,
-            })
-        });
-    let mut answer = DiscoveryRequest {
+    // A refused resource that this version changed goes back to how it runs now,
+    // and the rest is tried again; one the version did not change refuses it all.
+    let mut refused: Vec<ResourceError> = Vec::new();
+    let built = loop {
+        match build(&candidate, table, pool) {
+            Ok(new) => break Some(new),
+            Err(error) if changed.remove(error.resource.as_str()) => {
+                match state.accepted.get(&error.resource) {
+                    Some(json) => candidate.insert(error.resource.clone(), json.clone()),
+                    None => candidate.remove(&error.resource),
+                };
+                refused.push(error);
+            }
+            Err(error) => {
+                refused.push(error);
+                break None;
+            }
+        }
+    };
+    if let Some(new) = built {
+        table.store(Arc::new(new));
+        state.accepted = candidate;
+        state.applied_version = response.version.clone();
+    }
+    DiscoveryRequest {
         version: response.version.clone(),
         nonce: response.nonce.clone(),
+        applied_version: state.applied_version.clone(),
+        nack: refused.first().map(|first| Nack {
+            resource: first.resource.clone(),
+            message: match refused.len() {
+                1 => format!("{}: {}", first.path, first.message),
+                n => format!(
+                    "{}: {} (and {} more refused)",
+                    first.path,
+                    first.message,
+                    n - 1
+                ),
+            },
+        }),
         ..Default::default()
-    };
-    match built {
-        Ok(new) => {
-            table.store(Arc::new(new));
-            state.applied_version = response.version.clone();
-        }
-        Err(error) => {
-            answer.nack = Some(Nack {
-                resource: error.resource.clone(),
-                message: format!("{}: {}", error.path, error.message),
-            });
-        }
     }
-    answer.applied_version = state.applied_version.clone();
-    answer
+}
+
+/// The table for `resources`, as a change to the running one; an error names the
+/// resource it is about where it can.
+fn build(
+    resources: &BTreeMap<String, Vec<u8>>,
+    table: &SharedTable,
+    pool: &Arc<Pool>,
+) -> Result<crate::routing::table::RouteTable, ResourceError> {
+    let config = from_resources(resources)?;
+    crate::config::check_routes(&config).map_err(|(path, message)| {
+        // "services[i]..." names a service; say which resource that is.
+        let resource = path
+            .strip_prefix("services[")
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(i, _)| config.services.get(i.parse::<usize>().ok()?))
+            .map(service_name)
+            .unwrap_or_default();
+        ResourceError {
+            resource,
+            path,
+            message,
+        }
+    })?;
+    table
+        .load()
+        .next(config, pool)
+        .map_err(|message| ResourceError {
+            resource: String::new(),
+            path: String::new(),
+            message,
+        })
 }
 
 #[cfg(test)]
@@ -200,37 +228,42 @@ mod tests {
         }
     }
 
+    fn response(
+        version: &str,
+        full: bool,
+        resources: Vec<Resource>,
+        removed: &[&str],
+    ) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version: version.into(),
+            nonce: format!("n{version}"),
+            full,
+            resources,
+            removed: removed.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    const WEB: &str = r#"{"name":"web","namespace":"shop","port":80,"endpoints":[{"address":"198.18.0.3:8080"}]}"#;
+    const BAD_API: &str = r#"{"name":"api","namespace":"shop","port":80,"routes":[{"matches":[{"path":{"type":"RegularExpression","value":"("}}]}]}"#;
+
     #[tokio::test]
     async fn applies_full_then_incremental_and_nacks_without_losing_the_good_table() {
         let pool = Pool::new(Duration::from_secs(1));
-        let table = crate::table::shared(Default::default(), &pool).unwrap();
-        let mut state = State {
-            received: BTreeMap::new(),
-            applied_version: String::new(),
-            responses: 0,
-        };
-        let web = r#"{"name":"web","namespace":"shop","port":80,"endpoints":[{"address":"198.18.0.3:8080"}]}"#;
-        let full = DiscoveryResponse {
-            version: "1".into(),
-            nonce: "a".into(),
-            full: true,
-            resources: vec![resource("service/shop/web/80", web)],
-            removed: vec![],
-        };
+        let table = crate::routing::table::shared(Default::default(), &pool).unwrap();
+        let mut state = State::default();
+        let full = response("1", true, vec![resource("service/shop/web/80", WEB)], &[]);
         let ack = apply(&full, &table, &pool, &mut state);
         assert!(ack.nack.is_none());
-        assert_eq!((ack.version.as_str(), ack.nonce.as_str()), ("1", "a"));
+        assert_eq!((ack.version.as_str(), ack.nonce.as_str()), ("1", "n1"));
         assert!(table.load().lookup("web.shop").is_some());
 
         // An incremental version with a bad regex is refused, naming resource and field.
-        let bad = r#"{"name":"api","namespace":"shop","port":80,"routes":[{"matches":[{"path":{"type":"RegularExpression","value":"("}}]}]}"#;
-        let update = DiscoveryResponse {
-            version: "2".into(),
-            nonce: "b".into(),
-            full: false,
-            resources: vec![resource("service/shop/api/80", bad)],
-            removed: vec![],
-        };
+        let update = response(
+            "2",
+            false,
+            vec![resource("service/shop/api/80", BAD_API)],
+            &[],
+        );
         let nack = apply(&update, &table, &pool, &mut state);
         let refused = nack.nack.expect("a NACK");
         assert_eq!(refused.resource, "service/shop/api/80");
@@ -239,23 +272,84 @@ mod tests {
             "{}",
             refused.message
         );
-        assert_eq!(nack.applied_version, "1");
         assert!(
             table.load().lookup("web.shop").is_some(),
             "the good table stays"
         );
         assert!(table.load().lookup("api.shop").is_none());
 
-        // The next increment fixes it on top of what was received.
-        let fixed = DiscoveryResponse {
-            version: "3".into(),
-            nonce: "c".into(),
-            full: false,
-            resources: vec![],
-            removed: vec!["service/shop/api/80".into()],
-        };
+        // The next increment removes it.
+        let fixed = response("3", false, vec![], &["service/shop/api/80"]);
         assert!(apply(&fixed, &table, &pool, &mut state).nack.is_none());
         assert_eq!(state.applied_version, "3");
         assert!(table.load().lookup("web.shop").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_refused_resource_blocks_only_itself() {
+        let pool = Pool::new(Duration::from_secs(1));
+        let table = crate::routing::table::shared(Default::default(), &pool).unwrap();
+        let mut state = State::default();
+        let full = response("1", true, vec![resource("service/shop/web/80", WEB)], &[]);
+        assert!(apply(&full, &table, &pool, &mut state).nack.is_none());
+
+        // A bad resource and a good one in one version: the good one applies.
+        let cart = r#"{"name":"cart","namespace":"shop","port":80}"#;
+        let mixed = response(
+            "2",
+            false,
+            vec![
+                resource("service/shop/api/80", BAD_API),
+                resource("service/shop/cart/80", cart),
+            ],
+            &[],
+        );
+        let answer = apply(&mixed, &table, &pool, &mut state);
+        assert_eq!(answer.nack.expect("a NACK").resource, "service/shop/api/80");
+        assert_eq!(answer.applied_version, "2", "the rest of version 2 runs");
+        assert!(table.load().lookup("cart.shop").is_some());
+        assert!(table.load().lookup("api.shop").is_none());
+
+        // Later versions that leave it alone apply, and are acknowledged.
+        for version in ["3", "4"] {
+            let web = WEB.replace("198.18.0.3", &format!("198.18.0.{version}"));
+            let next = response(
+                version,
+                false,
+                vec![resource("service/shop/web/80", &web)],
+                &[],
+            );
+            let answer = apply(&next, &table, &pool, &mut state);
+            assert!(
+                answer.nack.is_none(),
+                "version {version}: {:?}",
+                answer.nack
+            );
+            assert_eq!(answer.applied_version, version);
+            let dump = table.load().effective();
+            let web = dump["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["service"] == "web.shop:80")
+                .unwrap()
+                .clone();
+            assert_eq!(
+                web["endpoints"][0]["address"],
+                format!("198.18.0.{version}:8080")
+            );
+        }
+        assert!(table.load().lookup("api.shop").is_none());
+
+        // A fixed form of it is taken.
+        let api = r#"{"name":"api","namespace":"shop","port":80}"#;
+        let answer = apply(
+            &response("5", false, vec![resource("service/shop/api/80", api)], &[]),
+            &table,
+            &pool,
+            &mut state,
+        );
+        assert!(answer.nack.is_none());
+        assert!(table.load().lookup("api.shop").is_some());
     }
 }

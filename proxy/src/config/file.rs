@@ -1,8 +1,11 @@
-//! The config model (shared with the control plane through `trellis-proto`), plus
-//! what only the proxy can check: its route matches compile.
+//! The static config file (`--config FILE`): read, checked (including what only
+//! the proxy can check: that its route matches compile), and polled for changes;
+//! a file that does not load is reported and the running config kept.
 
-use std::path::Path;
-pub use trellis_proto::model::config::*;
+use crate::routing::table::SharedTable;
+use crate::upstream::pool::Pool;
+use std::{path::Path, path::PathBuf, sync::Arc, time::Duration};
+use trellis_proto::model::config::{Config, ConfigError};
 
 /// Reads, parses and validates a config file, route matches included.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -34,7 +37,7 @@ pub fn check_routes(config: &Config) -> Result<(), (String, String)> {
     for (i, service) in config.services.iter().enumerate() {
         for (j, route) in service.routes.iter().enumerate() {
             for (k, m) in route.matches.iter().enumerate() {
-                crate::route::check_match(m).map_err(|(field, message)| {
+                crate::routing::router::check_match(m).map_err(|(field, message)| {
                     (
                         format!("services[{i}].routes[{j}].matches[{k}].{field}"),
                         message,
@@ -44,6 +47,43 @@ pub fn check_routes(config: &Config) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// Reloads the config file when it changes, as a change to the running table.
+/// A file that does not load is reported (with file, line and field) and the
+/// running config stays.
+pub async fn watch(path: PathBuf, every: Duration, table: SharedTable, pool: Arc<Pool>) {
+    let stamp = |path: &PathBuf| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| table.load().next(config, &pool));
+        let result = match loaded {
+            Ok(new) => {
+                table.store(Arc::new(new));
+                tracing::info!(file = %path.display(), "config reloaded");
+                "ok"
+            }
+            Err(error) => {
+                tracing::error!(%error, "config not reloaded; keeping the running config");
+                "error"
+            }
+        };
+        metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+    }
 }
 
 #[cfg(test)]

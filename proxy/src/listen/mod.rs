@@ -1,63 +1,30 @@
-//! `trellis-proxy run`: binds the outbound, inbound and admin listeners, proxies
-//! every accepted connection, and drains on SIGTERM or `POST /shutdown`.
+//! Accepting connections: every connection of the outbound and inbound listeners
+//! has its original destination recovered (SO_ORIGINAL_DST), its protocol detected
+//! ([`detect`]), and is then served as HTTP ([`crate::http`]) or forwarded as
+//! opaque bytes ([`tcp`]); each holds a [`Drain`] so shutdown waits for it.
+
+pub mod detect;
+pub mod io;
+pub mod tcp;
 
 use crate::{
-    admin::{self, AdminState},
-    config::Config,
-    detect::{self, Protocol},
     http::{HttpProxy, Shared},
-    io::ClientIo,
     metrics::{Direction, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL},
-    pool::Pool,
-    shutdown::{self, Drain},
-    table,
+    routing::table::SharedTable,
+    settings::Settings,
+    shutdown::Drain,
+    upstream::pool::Pool,
 };
 use bytes::BytesMut;
+use detect::Protocol;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
-use std::{
-    collections::BTreeSet,
-    io,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use io::ClientIo;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
-/// How the proxy runs; all of it comes from flags (see `trellis-proxy run --help`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Settings {
-    pub config_file: Option<PathBuf>,
-    /// The control plane's discovery URL (dynamic mode), instead of a config file.
-    pub control_plane: Option<String>,
-    #[serde(skip)]
-    pub identity: crate::discovery::Identity,
-    pub outbound_addr: SocketAddr,
-    pub inbound_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    #[serde(with = "crate::duration::serde_text")]
-    pub detect_timeout: Duration,
-    #[serde(with = "crate::duration::serde_text")]
-    pub connect_timeout: Duration,
-    #[serde(with = "crate::duration::serde_text")]
-    pub drain_timeout: Duration,
-    /// How often the config file is checked for changes.
-    #[serde(with = "crate::duration::serde_text")]
-    pub config_poll: Duration,
-    pub access_log: bool,
-    /// Ports proxied as opaque TCP without detection (server-first protocols).
-    pub opaque_ports: BTreeSet<u16>,
-}
-
-/// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,
-/// Elasticsearch, memcached. Their servers speak first, so detection would stall.
-pub const DEFAULT_OPAQUE_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
-
 /// Everything a connection handler needs, shared by all of one listener's connections.
-struct Listener {
+pub struct Listener {
     direction: Direction,
     /// True once a config is in place; connections wait for it (bounded).
     loaded: tokio::sync::watch::Receiver<bool>,
@@ -67,48 +34,21 @@ struct Listener {
     h2: http2::Builder<TokioExecutor>,
 }
 
-/// Runs the proxy until shutdown is requested and the drain finishes.
-pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
-    let metrics = crate::metrics::install();
-    let settings = Arc::new(settings);
-    let pool = Pool::new(settings.connect_timeout);
-    let table = table::shared(config, &pool).map_err(io::Error::other)?;
-
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot bind the {what} listener on {addr}: {e}"),
-            )
-        })
-    };
-    let outbound = bind(settings.outbound_addr, "outbound").await?;
-    let inbound = bind(settings.inbound_addr, "inbound").await?;
-    let admin_listener = bind(settings.admin_addr, "admin").await?;
-
-    let admin = AdminState::new(metrics, table.clone(), settings.clone());
-    tokio::spawn(admin::serve(admin_listener, admin.clone()));
-
-    let (loaded_tx, loaded) = tokio::sync::watch::channel(settings.control_plane.is_none());
-    if let Some(url) = settings.control_plane.clone() {
-        tokio::spawn(crate::discovery::run(
-            url,
-            settings.identity.clone(),
-            table.clone(),
-            pool.clone(),
-            loaded_tx,
-        ));
-    } else {
-        drop(loaded_tx);
-    }
-    let (trigger, drain) = shutdown::channel();
-    for (listener, direction) in [
-        (outbound, Direction::Outbound),
-        (inbound, Direction::Inbound),
-    ] {
-        let state = Arc::new(Listener {
+impl Listener {
+    pub fn new(
+        direction: Direction,
+        settings: &Arc<Settings>,
+        loaded: tokio::sync::watch::Receiver<bool>,
+        table: &SharedTable,
+        pool: &Arc<Pool>,
+    ) -> Arc<Listener> {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new());
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        Arc::new(Listener {
             direction,
-            loaded: loaded.clone(),
+            loaded,
             settings: settings.clone(),
             http: Arc::new(Shared {
                 direction,
@@ -116,113 +56,13 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
                 pool: pool.clone(),
                 access_log: settings.access_log,
             }),
-            h1: {
-                let mut b = http1::Builder::new();
-                b.timer(TokioTimer::new());
-                b
-            },
-            h2: {
-                let mut b = http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new());
-                b
-            },
-        });
-        tokio::spawn(accept_loop(listener, state, drain.clone()));
-    }
-    drop(drain);
-    if let Some(path) = settings.config_file.clone() {
-        tokio::spawn(watch_config(
-            path,
-            settings.config_poll,
-            table.clone(),
-            pool.clone(),
-        ));
-    }
-    admin.listening.store(true, Ordering::Release);
-    tokio::spawn(mark_loaded(loaded, admin.clone()));
-    tracing::info!(
-        outbound = %settings.outbound_addr,
-        inbound = %settings.inbound_addr,
-        admin = %settings.admin_addr,
-        "proxy ready"
-    );
-
-    wait_for_shutdown(&admin).await;
-    admin.listening.store(false, Ordering::Release);
-    tracing::info!(timeout = ?settings.drain_timeout, "draining");
-    if trigger.drain(settings.drain_timeout).await {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!("drain timeout passed with connections still open; exiting");
-    }
-    Ok(())
-}
-
-/// Tells the admin port once the first config is in place.
-async fn mark_loaded(mut loaded: tokio::sync::watch::Receiver<bool>, admin: Arc<AdminState>) {
-    // Ok at once with a config file (the value starts true); with a control plane,
-    // once the first version is applied.
-    if loaded.wait_for(|loaded| *loaded).await.is_ok() {
-        admin.config_loaded.store(true, Ordering::Release);
+            h1,
+            h2,
+        })
     }
 }
 
-/// Reloads the config file when it changes. A file that does not load is reported
-/// (with file, line and field) and the running config stays.
-async fn watch_config(path: PathBuf, every: Duration, table: table::SharedTable, pool: Arc<Pool>) {
-    let stamp = |path: &PathBuf| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let mut seen = stamp(&path);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = stamp(&path);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let loaded = crate::config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|config| table::RouteTable::new(config, &pool));
-        match loaded {
-            Ok(new) => {
-                table.store(Arc::new(new));
-                metrics::counter!("trellis_config_reloads_total", "result" => "ok").increment(1);
-                tracing::info!(file = %path.display(), "config reloaded");
-            }
-            Err(error) => {
-                metrics::counter!("trellis_config_reloads_total", "result" => "error").increment(1);
-                tracing::error!(%error, "config not reloaded; keeping the running config");
-            }
-        }
-    }
-}
-
-async fn wait_for_shutdown(admin: &AdminState) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            tracing::warn!("cannot install signal handlers; only POST /shutdown stops the proxy");
-            admin.shutdown.notified().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-        _ = admin.shutdown.notified() => tracing::info!("shutdown requested on the admin port"),
-    }
-}
-
-async fn accept_loop(listener: TcpListener, state: Arc<Listener>, mut drain: Drain) {
+pub async fn accept_loop(listener: TcpListener, state: Arc<Listener>, mut drain: Drain) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -307,7 +147,13 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, m
 
     match protocol {
         Protocol::Http1 => {
-            let service = HttpProxy::new(state.http.clone(), original_dst, peer, protocol);
+            let service = HttpProxy::new(
+                state.http.clone(),
+                original_dst,
+                peer,
+                protocol,
+                drain.clone(),
+            );
             let conn = state
                 .h1
                 .serve_connection(TokioIo::new(io), service)
@@ -325,7 +171,13 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, m
             }
         }
         Protocol::Http2 => {
-            let service = HttpProxy::new(state.http.clone(), original_dst, peer, protocol);
+            let service = HttpProxy::new(
+                state.http.clone(),
+                original_dst,
+                peer,
+                protocol,
+                drain.clone(),
+            );
             let conn = state.h2.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -350,9 +202,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, m
             let mut io = io;
             // Opaque bytes carry no signal for shutdown: they run until either side
             // closes or the drain timeout ends the process.
-            if let Err(error) =
-                crate::tcp::forward(&mut io, dst, state.settings.connect_timeout).await
-            {
+            if let Err(error) = tcp::forward(&mut io, dst, state.settings.connect_timeout).await {
                 tracing::debug!(%error, direction, %dst, "opaque connection ended with an error");
             }
             drop(drain);

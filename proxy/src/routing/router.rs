@@ -13,10 +13,11 @@
 //! slash (`/api` and `/api/` both match `/api`, `/api/x`, not `/apix`). A route with
 //! no matches matches every request, as a PathPrefix of `/`.
 
-use crate::config::{PathMatchType, RouteMatch, ValueMatch, ValueMatchType};
 use http::{HeaderMap, HeaderName, Method, Uri};
 use regex::Regex;
 use std::collections::HashMap;
+use trellis_proto::model::config::{PathMatchType, RouteMatch, ValueMatch, ValueMatchType};
+use trellis_proto::model::regex::full_match;
 
 /// The compiled routes of one service; `find` returns the index of the route taken.
 #[derive(Debug, Default)]
@@ -52,16 +53,11 @@ enum ValueMatcher {
     Present,
 }
 
-/// Compiles a regex that must match the whole value, as Envoy's do.
-fn full_regex(pattern: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex {pattern:?}: {e}"))
-}
-
 fn value_matcher(m: &ValueMatch) -> Result<ValueMatcher, (String, String)> {
     match (m.kind, &m.value) {
         (ValueMatchType::Present, _) => Ok(ValueMatcher::Present),
         (ValueMatchType::Exact, Some(v)) => Ok(ValueMatcher::Exact(v.clone())),
-        (ValueMatchType::RegularExpression, Some(v)) => full_regex(v)
+        (ValueMatchType::RegularExpression, Some(v)) => full_match(v)
             .map(ValueMatcher::Regex)
             .map_err(|e| ("value".to_owned(), e)),
         (_, None) => Err((
@@ -96,7 +92,7 @@ fn compile(route: usize, m: &RouteMatch) -> Result<Candidate, (String, String)> 
                     PathMatcher::Prefix(normalise_prefix(value).to_owned())
                 }
                 PathMatchType::RegularExpression => {
-                    PathMatcher::Regex(full_regex(value).map_err(|e| ("path.value".to_owned(), e))?)
+                    PathMatcher::Regex(full_match(value).map_err(|e| ("path.value".to_owned(), e))?)
                 }
             }
         }

@@ -2,29 +2,35 @@
 //! that holds the current one.
 //!
 //! Requests read the table through [`arc_swap::ArcSwap`]: a load is a few atomic
-//! operations, never a lock, and a new config replaces the table whole while requests
-//! that already hold the old one finish with it. Everything a request needs is
-//! compiled here once: authorities to services, each service's route matcher, and
-//! each route's policy stack.
+//! operations, never a lock. Everything a request needs is compiled here once:
+//! authorities and cluster IPs to services, each service's route matcher, each
+//! route's policy stack, and each destination's balancer and limits.
+//!
+//! A new config is applied as a diff against the table it replaces
+//! ([`RouteTable::next`]): a destination whose service is still there keeps its
+//! object, its endpoints updated in place (each remaining endpoint keeps its latency
+//! estimate and ejection); a route whose definition and effective call policy did
+//! not change keeps its stack (its retry budget, its token bucket); an inbound port
+//! whose limit did not change keeps its bucket. Only what changed starts afresh.
 
+use super::router::Router;
 use crate::{
-    config::{Config, Route, Service},
-    pool::Pool,
-    ratelimit::RateLimiter,
-    route::Router,
-    stack::{self, Resources, RouteService},
+    metrics::RATELIMITED_TOTAL,
+    stack::{
+        self,
+        backend::{Backend, Destination},
+        rate_limit::RateLimit,
+        stage::Stack,
+        Resources, RouteLabels,
+    },
+    upstream::pool::Pool,
 };
 use arc_swap::ArcSwap;
 use http::Request;
 use serde_json::json;
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use trellis_proto::model::config::{Config, Route, Service};
+use trellis_proto::model::policy::{Policy, RateLimit as RateLimitConfig};
 
 /// The DNS suffix of services inside the cluster.
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";
@@ -32,50 +38,68 @@ const CLUSTER_DOMAIN: &str = "svc.cluster.local";
 /// Shared handle to the current table.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 
-/// A service as requests see it: its routes, compiled.
+/// A service as requests addressed to it see it: its routes, compiled.
 pub struct Target {
     /// `name.namespace:port`, the bounded label used in metrics.
     pub label: Arc<str>,
     router: Router,
-    routes: Vec<RoutePlan>,
-    /// The service's own endpoints, for opaque TCP sent to its cluster IP.
-    endpoints: Box<[SocketAddr]>,
-    next: AtomicUsize,
+    routes: Box<[Arc<RoutePlan>]>,
+    /// What the routes were built from: the service without its endpoints and
+    /// destination sections (those belong to its [`Backend`]).
+    calls: Service,
 }
 
 /// One route: its name for metrics and the stack its requests run through.
 pub struct RoutePlan {
     pub name: Arc<str>,
-    pub stack: RouteService,
+    pub stack: Stack,
     /// Ring hashing on the source address needs the client's address per request.
     pub needs_client_addr: bool,
+    /// What the stack was built from, to tell whether a new version may keep it.
+    built: Built,
+}
+
+struct Built {
+    route: Route,
+    policy: Policy,
+    backends: Vec<(Arc<Backend>, u32)>,
+    max_retries: u32,
+    needs_client_addr: bool,
+}
+
+/// The same route, policy and limits, to the same destination objects.
+impl PartialEq for Built {
+    fn eq(&self, other: &Built) -> bool {
+        self.route == other.route
+            && self.policy == other.policy
+            && self.max_retries == other.max_retries
+            && self.needs_client_addr == other.needs_client_addr
+            && self.backends.len() == other.backends.len()
+            && self
+                .backends
+                .iter()
+                .zip(&other.backends)
+                .all(|((a, x), (b, y))| Arc::ptr_eq(a, b) && x == y)
+    }
 }
 
 impl Target {
     /// The route a request takes; `None` is "no route" (404 `NR`).
     pub fn route<B>(&self, req: &Request<B>) -> Option<&RoutePlan> {
         let index = self.router.find(req.method(), req.uri(), req.headers())?;
-        self.routes.get(index)
-    }
-
-    /// An endpoint for an opaque connection, round robin (no policy applies to
-    /// bytes the proxy cannot read).
-    pub fn pick_endpoint(&self) -> Option<SocketAddr> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(self.endpoints[i % self.endpoints.len()])
+        self.routes.get(index).map(|plan| &**plan)
     }
 }
 
-/// Authorities (as clients write them) to targets, the inbound limits, and the
-/// config they came from.
+/// Authorities (as clients write them) to targets, the destinations, the inbound
+/// limits, and the config they came from.
 pub struct RouteTable {
     by_authority: HashMap<Box<str>, Arc<Target>>,
     /// Services by cluster IP and port: what an unchanged client dials.
     by_address: HashMap<SocketAddr, Arc<Target>>,
-    inbound: HashMap<u16, RateLimiter>,
+    targets: HashMap<Arc<str>, Arc<Target>>,
+    backends: HashMap<Arc<str>, Arc<Backend>>,
+    inbound: HashMap<u16, (RateLimitConfig, Arc<RateLimit>)>,
     pub config: Config,
 }
 
@@ -92,79 +116,187 @@ fn route_name(route: &Route, index: usize) -> String {
     route.name.clone().unwrap_or_else(|| index.to_string())
 }
 
+/// The service as its callers' routes see it: no endpoints, no destination sections.
+fn calls_of(service: &Service) -> Service {
+    Service {
+        endpoints: Vec::new(),
+        policy: service.policy.call_sections(),
+        ..service.clone()
+    }
+}
+
 impl RouteTable {
-    /// Compiles a validated config; `pool` carries every route's upstream requests.
+    /// Compiles a validated config from nothing; `pool` carries every route's
+    /// upstream requests.
     pub fn new(config: Config, pool: &Arc<Pool>) -> Result<RouteTable, String> {
-        let resources = Resources {
-            pool,
-            services: &config.services,
-            seed: None,
-        };
-        let mut by_authority = HashMap::new();
-        let mut by_address = HashMap::new();
+        RouteTable::build(config, pool, None, None)
+    }
+
+    /// Compiles `config` as a change to this table, keeping the state of whatever
+    /// it leaves as it was. On error nothing of this table has changed.
+    pub fn next(&self, config: Config, pool: &Arc<Pool>) -> Result<RouteTable, String> {
+        RouteTable::build(config, pool, Some(self), None)
+    }
+
+    /// [`RouteTable::new`] with every random draw seeded, for repeatable tests.
+    pub fn seeded(config: Config, pool: &Arc<Pool>, seed: u64) -> Result<RouteTable, String> {
+        RouteTable::build(config, pool, None, Some(seed))
+    }
+
+    fn build(
+        config: Config,
+        pool: &Arc<Pool>,
+        previous: Option<&RouteTable>,
+        seed: Option<u64>,
+    ) -> Result<RouteTable, String> {
+        let ctx = Resources { pool, seed };
+        // Destinations first: routes send to them. Replacements are only staged
+        // here and put in place once nothing can fail any more.
+        let mut backends = HashMap::with_capacity(config.services.len());
+        let mut replacements = Vec::new();
         for service in &config.services {
-            let routes = routes_of(service);
-            let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
-                .map_err(|e| format!("service {}: {e}", service.authority()))?;
             let label: Arc<str> = service.authority().into();
-            let plans = routes
+            let endpoints: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
+            let policy = service.policy.destination_sections();
+            let kept = previous.and_then(|p| p.backends.get(&label));
+            let backend = match kept {
+                Some(backend) => {
+                    let current = backend.current();
+                    if current.policy != policy || !current.balancer.serves(&endpoints) {
+                        let next =
+                            stack::destination(&ctx, &label, policy, &endpoints, Some(&current));
+                        replacements.push((backend.clone(), next));
+                    }
+                    backend.clone()
+                }
+                None => {
+                    let destination = stack::destination(&ctx, &label, policy, &endpoints, None);
+                    Arc::new(Backend::new(label.clone(), destination))
+                }
+            };
+            backends.insert(label, backend);
+        }
+        // What each destination will be once the replacements are in.
+        let policy_of = |label: &Arc<str>| -> Option<Policy> {
+            replacements
                 .iter()
-                .enumerate()
-                .map(|(i, route)| {
-                    let policy = service.policy.overridden_by(&route.policy);
-                    let name: Arc<str> = route_name(route, i).into();
-                    RoutePlan {
-                        stack: stack::build_route(
-                            &resources,
-                            service,
-                            route,
-                            &policy,
-                            i,
-                            (&label, &name),
-                        ),
-                        name,
-                        needs_client_addr: policy
-                            .load_balancer
+                .find(|(b, _)| &b.label == label)
+                .map(|(_, d): &(Arc<Backend>, Destination)| d.policy.clone())
+                .or_else(|| backends.get(label).map(|b| b.current().policy.clone()))
+        };
+
+        let mut targets = HashMap::with_capacity(config.services.len());
+        for (position, service) in config.services.iter().enumerate() {
+            let label: Arc<str> = service.authority().into();
+            let calls = calls_of(service);
+            let old = previous.and_then(|p| p.targets.get(&label));
+            let routes = routes_of(service);
+            let mut plans = Vec::with_capacity(routes.len());
+            for (i, route) in routes.iter().enumerate() {
+                let name: Arc<str> = route_name(route, i).into();
+                let mut weighted = Vec::new();
+                for backend in backend_refs(service, route) {
+                    let Some(target) = backends.get(backend.0.as_str()) else {
+                        return Err(format!(
+                            "service {label}: route {name}: no service {}",
+                            backend.0
+                        ));
+                    };
+                    weighted.push((target.clone(), backend.1));
+                }
+                let destinations: Vec<Policy> = weighted
+                    .iter()
+                    .filter_map(|(b, _)| policy_of(&b.label))
+                    .collect();
+                let built = Built {
+                    route: route.clone(),
+                    policy: service.policy.call_sections().overridden_by(&route.policy),
+                    backends: weighted.clone(),
+                    max_retries: destinations
+                        .iter()
+                        .filter_map(|p| p.connection_pool.as_ref())
+                        .map(|p| p.max_retries.0)
+                        .min()
+                        .unwrap_or(u32::MAX),
+                    needs_client_addr: destinations.iter().any(|p| {
+                        p.load_balancer
                             .as_ref()
                             .and_then(|lb| lb.hash_on.as_ref())
-                            .is_some_and(|h| h.source_ip),
-                    }
-                })
-                .collect();
-            let target = Arc::new(Target {
-                label,
-                router,
-                routes: plans,
-                endpoints: service.endpoints.iter().map(|e| e.address).collect(),
-                next: AtomicUsize::new(0),
+                            .is_some_and(|h| h.source_ip)
+                    }),
+                };
+                let same = old.and_then(|t| t.routes.iter().find(|p| p.built == built));
+                plans.push(match same {
+                    Some(plan) => plan.clone(),
+                    None => Arc::new(RoutePlan {
+                        stack: stack::route(
+                            &ctx,
+                            &built.policy,
+                            &built.backends,
+                            built.max_retries,
+                            &RouteLabels {
+                                service: &label,
+                                route: &name,
+                                index: position * 1000 + i,
+                            },
+                        ),
+                        name,
+                        needs_client_addr: built.needs_client_addr,
+                        built,
+                    }),
+                });
+            }
+            let unchanged = old.filter(|t| {
+                t.calls == calls
+                    && t.routes.len() == plans.len()
+                    && t.routes.iter().zip(&plans).all(|(a, b)| Arc::ptr_eq(a, b))
             });
-            let port = service.port.get();
-            if let Some(ip) = service.cluster_ip {
-                by_address.insert(SocketAddr::new(ip, port), target.clone());
-            }
-            let base = format!("{}.{}", service.name, service.namespace);
-            for host in [
-                base.clone(),
-                format!("{base}.svc"),
-                format!("{base}.{CLUSTER_DOMAIN}"),
-            ] {
-                if port == 80 {
-                    by_authority.insert(host.clone().into(), target.clone());
+            let target = match unchanged {
+                Some(target) => target.clone(),
+                None => {
+                    let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
+                        .map_err(|e| format!("service {label}: {e}"))?;
+                    Arc::new(Target {
+                        label: label.clone(),
+                        router,
+                        routes: plans.into_boxed_slice(),
+                        calls,
+                    })
                 }
-                by_authority.insert(format!("{host}:{port}").into(), target.clone());
-            }
+            };
+            targets.insert(label, target);
         }
-        let inbound = config
-            .inbound
-            .iter()
-            .filter_map(|port| {
-                let limit = port.rate_limit.as_ref()?;
-                Some((port.port.get(), RateLimiter::new(limit)))
-            })
-            .collect();
+
+        let mut inbound = HashMap::new();
+        for port in &config.inbound {
+            let Some(limit) = &port.rate_limit else {
+                continue;
+            };
+            let number = port.port.get();
+            let kept = previous
+                .and_then(|p| p.inbound.get(&number))
+                .filter(|(config, _)| config == limit)
+                .map(|(_, limiter)| limiter.clone());
+            let limiter = kept.unwrap_or_else(|| {
+                let limited = metrics::counter!(RATELIMITED_TOTAL,
+                    "direction" => "inbound",
+                    "port" => number.to_string(),
+                );
+                Arc::new(RateLimit::new(limit, limited))
+            });
+            inbound.insert(number, (limit.clone(), limiter));
+        }
+
+        // Nothing below can fail: put the new destinations in place.
+        for (backend, destination) in replacements {
+            backend.replace(destination);
+        }
+        let (by_authority, by_address) = index(&config, &targets);
         Ok(RouteTable {
             by_authority,
             by_address,
+            targets,
+            backends,
             inbound,
             config,
         })
@@ -189,12 +321,18 @@ impl RouteTable {
     }
 
     /// The rate limit on calls to one of the pod's own ports.
-    pub fn inbound_limit(&self, port: u16) -> Option<&RateLimiter> {
-        self.inbound.get(&port)
+    pub fn inbound_limit(&self, port: u16) -> Option<&RateLimit> {
+        self.inbound.get(&port).map(|(_, limiter)| &**limiter)
     }
 
-    /// The config as it runs: every route with its effective policy (the service's
-    /// sections under the route's own, defaults filled in).
+    /// A destination by its `name.namespace:port` label.
+    pub fn backend(&self, label: &str) -> Option<&Arc<Backend>> {
+        self.backends.get(label)
+    }
+
+    /// The config as it runs: each service's destination sections and which of its
+    /// endpoints are ejected, and every route with its effective call policy (the
+    /// service's call sections under the route's own), defaults filled in.
     pub fn effective(&self) -> serde_json::Value {
         let services: Vec<_> = self
             .config
@@ -209,20 +347,76 @@ impl RouteTable {
                             "name": route_name(route, i),
                             "matches": route.matches,
                             "backends": route.backends,
-                            "policy": service.policy.overridden_by(&route.policy),
+                            "policy": service.policy.call_sections().overridden_by(&route.policy),
                         })
                     })
                     .collect();
+                let label = service.authority();
+                let ejected = self
+                    .backends
+                    .get(label.as_str())
+                    .map(|b| b.current().balancer.ejected())
+                    .unwrap_or_default();
                 json!({
-                    "service": service.authority(),
+                    "service": label,
                     "clusterIP": service.cluster_ip,
                     "endpoints": service.endpoints,
+                    "ejected": ejected,
+                    "destination": service.policy.destination_sections(),
                     "routes": routes,
                 })
             })
             .collect();
         json!({ "services": services, "inbound": self.config.inbound })
     }
+}
+
+/// The backends a route sends to, as (label, weight): its `backends`, or the
+/// service itself.
+fn backend_refs(service: &Service, route: &Route) -> Vec<(String, u32)> {
+    if route.backends.is_empty() {
+        return vec![(service.authority(), 1)];
+    }
+    route
+        .backends
+        .iter()
+        .map(|b| {
+            let namespace = b.namespace.as_deref().unwrap_or(&service.namespace);
+            (format!("{}.{namespace}:{}", b.name, b.port), b.weight)
+        })
+        .collect()
+}
+
+type Indexes = (
+    HashMap<Box<str>, Arc<Target>>,
+    HashMap<SocketAddr, Arc<Target>>,
+);
+
+/// Every authority form and cluster address of each service.
+fn index(config: &Config, targets: &HashMap<Arc<str>, Arc<Target>>) -> Indexes {
+    let mut by_authority = HashMap::with_capacity(config.services.len() * 4);
+    let mut by_address = HashMap::new();
+    for service in &config.services {
+        let Some(target) = targets.get(service.authority().as_str()) else {
+            continue;
+        };
+        let port = service.port.get();
+        if let Some(ip) = service.cluster_ip {
+            by_address.insert(SocketAddr::new(ip, port), target.clone());
+        }
+        let base = format!("{}.{}", service.name, service.namespace);
+        for host in [
+            base.clone(),
+            format!("{base}.svc"),
+            format!("{base}.{CLUSTER_DOMAIN}"),
+        ] {
+            if port == 80 {
+                by_authority.insert(host.clone().into(), target.clone());
+            }
+            by_authority.insert(format!("{host}:{port}").into(), target.clone());
+        }
+    }
+    (by_authority, by_address)
 }
 
 /// A table for `config`, shared for lock-free reads.
@@ -235,17 +429,67 @@ pub fn shared(config: Config, pool: &Arc<Pool>) -> Result<SharedTable, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stack::balance::outlier::Answer;
+    use crate::upstream::body::RequestBody;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    fn parse(yaml: &str) -> Config {
+        crate::config::parse("t", yaml).unwrap()
+    }
+
+    fn pool() -> Arc<Pool> {
+        Pool::new(Duration::from_secs(1))
+    }
+
+    /// A server on loopback that accepts connections, counts them, and closes each
+    /// at once: every request sent to it fails with a reset.
+    async fn resetting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(authority: &str) -> crate::upstream::body::Req {
+        Request::get(format!("http://{authority}/"))
+            .body(RequestBody::Empty)
+            .unwrap()
+    }
+
+    /// Sends one request through the route `authority`'s requests take.
+    async fn send(table: &RouteTable, authority: &str) -> u16 {
+        let target = table.lookup(authority).expect(authority);
+        let req = get(authority);
+        let route = target.route(&req).expect("a route");
+        match route.stack.call(req).await {
+            Ok(response) => response.status().as_u16(),
+            Err(failure) => failure.status.as_u16(),
+        }
+    }
+
+    fn same_route(a: &RouteTable, b: &RouteTable, authority: &str) -> bool {
+        let req = get(authority);
+        let route = |t: &RouteTable| t.lookup(authority).unwrap().route(&req).unwrap() as *const _;
+        std::ptr::eq(route(a), route(b))
+    }
 
     fn table() -> RouteTable {
-        let config = Config::parse(
-            "t",
+        let config = parse(
             "services:
   - name: reviews
     namespace: shop
     port: 8080
     endpoints: [{address: 198.18.0.2:8080}, {address: 198.18.0.3:8080}]
-    policy: {timeouts: {request: 3s}}
+    policy: {timeouts: {request: 3s}, outlierDetection: {consecutive5xx: 3}}
     routes:
       - name: api
         matches: [{path: {value: /api}}]
@@ -253,9 +497,8 @@ mod tests {
   - name: web
     port: 80
 ",
-        )
-        .unwrap();
-        RouteTable::new(config, &Pool::new(Duration::from_secs(1))).unwrap()
+        );
+        RouteTable::new(config, &pool()).unwrap()
     }
 
     #[tokio::test]
@@ -300,5 +543,173 @@ mod tests {
             "default filled in"
         );
         assert_eq!(policy["retry"]["budget"]["percent"], 20.0);
+        assert!(
+            policy.get("outlierDetection").is_none(),
+            "a destination section"
+        );
+        let destination = &dump["services"][0]["destination"];
+        assert_eq!(destination["outlierDetection"]["consecutive5xx"], 3);
+        assert_eq!(destination["outlierDetection"]["baseEjectionTime"], "30s");
+        assert_eq!(dump["services"][0]["ejected"], json!([]));
+    }
+
+    const MESH: &str = "services:
+  - name: reviews
+    port: 8080
+    endpoints: [{address: 127.0.0.1:1}]
+    routes:
+      - name: canary
+        backends: [{name: reviews-v2, port: 8080}]
+        policy: {retry: {attempts: 1, retryOn: [reset]}}
+  - name: reviews-v2
+    port: 8080
+    endpoints: [{address: 127.0.0.1:2}, {address: 127.0.0.1:3}]
+    policy: {outlierDetection: {consecutiveGatewayErrors: 2, maxEjectionPercent: 50}}
+  - name: ratings
+    port: 9080
+";
+
+    #[tokio::test]
+    async fn a_push_that_changes_nothing_of_a_route_keeps_its_stack_and_destination() {
+        let pool = pool();
+        let first = RouteTable::new(parse(MESH), &pool).unwrap();
+        let bad: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let v2 = first.backend("reviews-v2.default:8080").unwrap().clone();
+        let balancer = v2.current().balancer.clone();
+        for _ in 0..2 {
+            let pick = balancer
+                .pick(None, Some("127.0.0.1:3".parse().unwrap()))
+                .unwrap();
+            assert_eq!(pick.addr(), bad);
+            pick.finish(Answer::GatewayError);
+        }
+        assert_eq!(balancer.ejected(), vec![bad]);
+
+        // Another service is added: nothing of reviews changes.
+        let added = MESH.replace(
+            "  - name: ratings\n",
+            "  - name: details\n    port: 9080\n  - name: ratings\n",
+        );
+        let second = first.next(parse(&added), &pool).unwrap();
+        assert!(same_route(&first, &second, "reviews.default:8080"));
+        let kept = second.backend("reviews-v2.default:8080").unwrap();
+        assert!(Arc::ptr_eq(kept, &v2), "the destination is the same object");
+        assert_eq!(
+            kept.current().balancer.ejected(),
+            vec![bad],
+            "still ejected"
+        );
+
+        // reviews-v2 gains an endpoint: the destination is updated in place.
+        let grown = added.replace(
+            "{address: 127.0.0.1:3}]",
+            "{address: 127.0.0.1:3}, {address: 127.0.0.1:4}]",
+        );
+        let third = second.next(parse(&grown), &pool).unwrap();
+        let kept = third.backend("reviews-v2.default:8080").unwrap();
+        assert!(Arc::ptr_eq(kept, &v2));
+        assert!(kept.current().balancer.serves(&[
+            bad,
+            "127.0.0.1:3".parse().unwrap(),
+            "127.0.0.1:4".parse().unwrap()
+        ]));
+        assert_eq!(
+            kept.current().balancer.ejected(),
+            vec![bad],
+            "still ejected"
+        );
+        assert!(same_route(&second, &third, "reviews.default:8080"));
+
+        // Its outlier policy changes: that destination starts afresh, the route stays.
+        let changed = grown.replace("consecutiveGatewayErrors: 2", "consecutiveGatewayErrors: 3");
+        let fourth = third.next(parse(&changed), &pool).unwrap();
+        assert!(fourth
+            .backend("reviews-v2.default:8080")
+            .unwrap()
+            .current()
+            .balancer
+            .ejected()
+            .is_empty());
+        assert!(same_route(&third, &fourth, "reviews.default:8080"));
+
+        // The route's own policy changes: only that route is rebuilt.
+        let retried = changed.replace("attempts: 1, retryOn", "attempts: 2, retryOn");
+        let fifth = fourth.next(parse(&retried), &pool).unwrap();
+        assert!(!same_route(&fourth, &fifth, "reviews.default:8080"));
+        assert!(same_route(&fourth, &fifth, "ratings.default:9080"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_version_changes_nothing_of_the_running_table() {
+        let pool = pool();
+        let first = RouteTable::new(parse(MESH), &pool).unwrap();
+        let v2 = first.backend("reviews-v2.default:8080").unwrap().clone();
+        let before = v2.current();
+        // Valid as a config, refused by the route compiler (a regex the
+        // loader did not see, since the table is built from the model directly).
+        let mut bad = parse(&MESH.replace("{address: 127.0.0.1:3}]", "{address: 127.0.0.1:5}]"));
+        bad.services[2].routes.push(Route {
+            matches: vec![
+                serde_yaml_ng::from_str("{path: {type: RegularExpression, value: '('}}").unwrap(),
+            ],
+            ..Route::default()
+        });
+        assert!(first.next(bad, &pool).is_err());
+        assert!(Arc::ptr_eq(&before, &v2.current()), "no endpoint moved");
+    }
+
+    #[tokio::test]
+    async fn a_spent_retry_budget_stays_spent_across_a_push() {
+        let (upstream, attempts) = resetting_upstream().await;
+        let config = format!(
+            "services:
+  - name: down
+    port: 80
+    endpoints: [{{address: {upstream}}}]
+    policy:
+      retry: {{attempts: 20, retryOn: [reset], backoff: {{base: 1ms, max: 1ms}}, budget: {{percent: 0, minPerSecond: 1}}}}
+"
+        );
+        let pool = pool();
+        let first = RouteTable::new(parse(&config), &pool).unwrap();
+        // The budget: 1 a second over its 10 s window, so 10 retries.
+        assert_eq!(send(&first, "down.default").await, 502);
+        assert_eq!(attempts.load(Ordering::SeqCst), 11);
+        let pushed = format!("{config}  - {{name: other, port: 80}}\n");
+        let second = first.next(parse(&pushed), &pool).unwrap();
+        assert_eq!(send(&second, "down.default").await, 502);
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            12,
+            "no retry: the push did not refill the budget"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drained_inbound_bucket_stays_drained_across_a_push() {
+        let config = "inbound:
+  - port: 8080
+    rateLimit: {maxTokens: 3, fillInterval: 1h}
+";
+        let pool = pool();
+        let first = RouteTable::new(parse(config), &pool).unwrap();
+        let req = get("app");
+        let limit = first.inbound_limit(8080).unwrap();
+        assert_eq!((0..5).filter(|_| limit.admit(&req).is_ok()).count(), 3);
+        let second = first
+            .next(
+                parse(&format!("{config}services: [{{name: new, port: 80}}]\n")),
+                &pool,
+            )
+            .unwrap();
+        assert!(second.inbound_limit(8080).unwrap().admit(&req).is_err());
+        // A changed limit is a new bucket.
+        let third = second
+            .next(
+                parse(&config.replace("maxTokens: 3", "maxTokens: 4")),
+                &pool,
+            )
+            .unwrap();
+        assert!(third.inbound_limit(8080).unwrap().admit(&req).is_ok());
     }
 }

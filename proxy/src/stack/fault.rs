@@ -1,6 +1,7 @@
-//! Fault injection decisions: per request, whether to delay it (flag `DI`) and
-//! whether to answer it here instead of forwarding it (flag `FI`). This module only
-//! decides; the HTTP stage sleeps and builds the response.
+//! Fault injection: per request, whether to delay it (flag `DI`) and whether to
+//! answer it here instead of forwarding it (flag `FI`). An abort is a [`Failure`],
+//! so the response is built where every response the proxy makes is built
+//! (`http::respond`), which answers gRPC requests with a `grpc-status`.
 //!
 //! The delay and the abort are drawn independently, each with its own percentage,
 //! so at 50 % and 50 % about a quarter of requests get both.
@@ -12,14 +13,18 @@
 //!   answer for a plain HTTP request);
 //! - `grpc` is the configured `grpcStatus`, if any.
 //!
-//! The caller answers a gRPC request with `grpc` in a trailers-only response when it is
-//! set, and otherwise, like any other request, with `http`. So with both set, gRPC
+//! A gRPC request is answered with `grpc` in a trailers-only response when it is
+//! set, and otherwise with the gRPC code for `http`. So with both set, gRPC
 //! requests get the gRPC status and everything else the HTTP one.
 
-use crate::policy::{Fault, GrpcCode, Percent};
+use super::{
+    outcome::{flag_result, BoxFuture, Failure, Flags, Req, Rsp},
+    stage::{Next, Stage},
+};
 use crate::rng::Rng;
 use ::http::StatusCode;
 use std::time::Duration;
+use trellis_proto::model::policy::{Fault, GrpcCode, Percent};
 
 /// How to answer an aborted request; see the module doc for which field applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,8 @@ pub struct FaultInjector {
     delay: Option<Chance<Duration>>,
     abort: Option<Chance<Abort>>,
     rng: Rng,
+    delays: metrics::Counter,
+    aborts: metrics::Counter,
 }
 
 /// A value with the percentage of requests it applies to, resolved once at build time
@@ -55,7 +62,13 @@ impl<T: Copy> Chance<T> {
 }
 
 impl FaultInjector {
-    pub fn new(config: &Fault, rng: Rng) -> FaultInjector {
+    /// `delays` and `aborts` count what was injected, on the route's labels.
+    pub fn new(
+        config: &Fault,
+        rng: Rng,
+        delays: metrics::Counter,
+        aborts: metrics::Counter,
+    ) -> FaultInjector {
         let delay = config.delay.as_ref().map(|delay| Chance {
             value: delay.fixed,
             percent: delay.percent,
@@ -72,7 +85,13 @@ impl FaultInjector {
             },
             percent: abort.percent,
         });
-        FaultInjector { delay, abort, rng }
+        FaultInjector {
+            delay,
+            abort,
+            rng,
+            delays,
+            aborts,
+        }
     }
 
     /// Draws independently: delay with config.delay.percent, abort with config.abort.percent.
@@ -84,12 +103,46 @@ impl FaultInjector {
     }
 }
 
+impl Stage for FaultInjector {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+        let decision = self.decide();
+        Box::pin(async move {
+            let mut flags = Flags::NONE;
+            if let Some(delay) = decision.delay {
+                self.delays.increment(1);
+                tokio::time::sleep(delay).await;
+                flags = Flags::DI;
+            }
+            if let Some(abort) = decision.abort {
+                self.aborts.increment(1);
+                return Err(Failure {
+                    grpc: abort.grpc,
+                    ..Failure::local(abort.http, Flags::FI.union(flags), "fault injected")
+                });
+            }
+            let mut result = next.call(req).await;
+            flag_result(&mut result, flags);
+            result
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{FaultAbort, FaultDelay};
+    use crate::stack::testing::{request, run, Scripted};
+    use trellis_proto::model::policy::{FaultAbort, FaultDelay};
 
     const DRAWS: u32 = 10_000;
+
+    fn faults(config: &Fault, seed: u64) -> FaultInjector {
+        FaultInjector::new(
+            config,
+            Rng::with_seed(seed),
+            metrics::Counter::noop(),
+            metrics::Counter::noop(),
+        )
+    }
 
     fn fault(delay_percent: Option<f64>, abort_percent: Option<f64>) -> Fault {
         Fault {
@@ -98,7 +151,7 @@ mod tests {
                 percent: Percent(p),
             }),
             abort: abort_percent.map(|p| FaultAbort {
-                http_status: Some(crate::policy::StatusCode(500)),
+                http_status: Some(trellis_proto::model::policy::StatusCode(500)),
                 grpc_status: None,
                 percent: Percent(p),
             }),
@@ -109,14 +162,12 @@ mod tests {
         let config = Fault {
             delay: None,
             abort: Some(FaultAbort {
-                http_status: http_status.map(crate::policy::StatusCode),
+                http_status: http_status.map(trellis_proto::model::policy::StatusCode),
                 grpc_status,
                 percent: Percent(100.0),
             }),
         };
-        FaultInjector::new(&config, Rng::with_seed(1))
-            .decide()
-            .abort
+        faults(&config, 1).decide().abort
     }
 
     /// Counts, over `DRAWS` decisions: (delayed, aborted, both).
@@ -133,13 +184,13 @@ mod tests {
 
     #[test]
     fn zero_percent_never_fires() {
-        let injector = FaultInjector::new(&fault(Some(0.0), Some(0.0)), Rng::with_seed(1));
+        let injector = faults(&fault(Some(0.0), Some(0.0)), 1);
         assert_eq!(tally(&injector), (0, 0, 0));
     }
 
     #[test]
     fn hundred_percent_always_fires_with_the_configured_values() {
-        let injector = FaultInjector::new(&fault(Some(100.0), Some(100.0)), Rng::with_seed(1));
+        let injector = faults(&fault(Some(100.0), Some(100.0)), 1);
         assert_eq!(tally(&injector), (DRAWS, DRAWS, DRAWS));
         let decision = injector.decide();
         assert_eq!(decision.delay, Some(Duration::from_millis(250)));
@@ -154,9 +205,9 @@ mod tests {
 
     #[test]
     fn absent_sections_never_fire() {
-        let injector = FaultInjector::new(&Fault::default(), Rng::with_seed(1));
+        let injector = faults(&Fault::default(), 1);
         assert_eq!(tally(&injector), (0, 0, 0));
-        let delay_only = FaultInjector::new(&fault(Some(100.0), None), Rng::with_seed(1));
+        let delay_only = faults(&fault(Some(100.0), None), 1);
         assert_eq!(tally(&delay_only), (DRAWS, 0, 0));
     }
 
@@ -167,7 +218,7 @@ mod tests {
     #[test]
     fn fifty_percent_lands_within_two_percent() {
         for seed in 1..=10 {
-            let injector = FaultInjector::new(&fault(Some(50.0), Some(50.0)), Rng::with_seed(seed));
+            let injector = faults(&fault(Some(50.0), Some(50.0)), seed);
             let (delayed, aborted, _) = tally(&injector);
             assert!((4_800..=5_200).contains(&delayed), "seed {seed}: {delayed}");
             assert!((4_800..=5_200).contains(&aborted), "seed {seed}: {aborted}");
@@ -181,7 +232,7 @@ mod tests {
     #[test]
     fn delay_and_abort_are_drawn_independently() {
         for seed in 1..=10 {
-            let injector = FaultInjector::new(&fault(Some(50.0), Some(50.0)), Rng::with_seed(seed));
+            let injector = faults(&fault(Some(50.0), Some(50.0)), seed);
             let (_, _, both) = tally(&injector);
             assert!((2_300..=2_700).contains(&both), "seed {seed}: {both}");
         }
@@ -219,5 +270,44 @@ mod tests {
             abort_with(Some(1_000), None).map(|a| a.http),
             Some(unavailable)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delay_then_an_abort_answers_without_calling_the_upstream() {
+        let config = Fault {
+            delay: Some(FaultDelay {
+                fixed: Duration::from_millis(250),
+                percent: Percent(100.0),
+            }),
+            abort: Some(FaultAbort {
+                http_status: None,
+                grpc_status: Some(GrpcCode::Unavailable),
+                percent: Percent(100.0),
+            }),
+        };
+        let upstream = Scripted::always(200);
+        let start = tokio::time::Instant::now();
+        let failure = run(faults(&config, 1), upstream.clone(), request())
+            .await
+            .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+        assert_eq!(failure.flags.label(), "DI,FI");
+        assert_eq!(failure.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(failure.grpc, Some(GrpcCode::Unavailable));
+        assert_eq!(upstream.calls(), 0);
+
+        // A delay alone passes the request on and flags the answer.
+        let delay_only = Fault {
+            abort: None,
+            ..config
+        };
+        let response = run(faults(&delay_only, 1), upstream.clone(), request())
+            .await
+            .unwrap();
+        let outcome = response
+            .extensions()
+            .get::<crate::stack::outcome::Outcome>();
+        assert_eq!(outcome.unwrap().flags.label(), "DI");
+        assert_eq!(upstream.calls(), 1);
     }
 }

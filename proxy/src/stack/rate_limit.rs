@@ -1,7 +1,7 @@
 //! Local token-bucket rate limiting, with Envoy `local_ratelimit` semantics.
 //!
 //! A bucket starts full with `maxTokens`; each request takes one token or is refused
-//! (429 `RL`, answered by the caller). Every whole `fillInterval` since the bucket's
+//! (429 `RL`). Every whole `fillInterval` since the bucket's
 //! last fill adds `tokensPerFill`, capped at `maxTokens`. Fills are discrete and
 //! computed lazily when a request arrives, so no timer runs per bucket.
 //!
@@ -16,12 +16,63 @@
 //! new key takes from one shared overflow bucket: memory stays bounded and unknown keys
 //! are still limited, together.
 
-use crate::policy::RateLimit;
+use super::{
+    outcome::{BoxFuture, Failure, Flags, Req, Rsp},
+    stage::{Next, Stage},
+};
+use http::{HeaderName, StatusCode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
+use trellis_proto::model::policy::RateLimit as Config;
+
+/// A limit on calls: outbound on a route (a stage), or inbound on one of the pod's
+/// ports; each request takes a token from the bucket of its key, or gets 429 `RL`.
+pub struct RateLimit {
+    limiter: RateLimiter,
+    key_header: Option<HeaderName>,
+    /// Refusals, on the route's or the port's labels.
+    limited: metrics::Counter,
+}
+
+impl RateLimit {
+    pub fn new(config: &Config, limited: metrics::Counter) -> RateLimit {
+        RateLimit {
+            limiter: RateLimiter::new(config),
+            key_header: config.key_header.as_ref().map(|h| h.0.clone()),
+            limited,
+        }
+    }
+
+    /// Takes a token for this request, keyed by its `keyHeader` value.
+    pub fn admit<B>(&self, req: &http::Request<B>) -> Result<(), Failure> {
+        let key = self
+            .key_header
+            .as_ref()
+            .and_then(|h| req.headers().get(h))
+            .and_then(|v| v.to_str().ok());
+        if self.limiter.try_acquire(key) {
+            return Ok(());
+        }
+        self.limited.increment(1);
+        Err(Failure::local(
+            StatusCode::TOO_MANY_REQUESTS,
+            Flags::RL,
+            "rate limit exceeded",
+        ))
+    }
+}
+
+impl Stage for RateLimit {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+        match self.admit(&req) {
+            Ok(()) => next.call(req),
+            Err(failure) => Box::pin(std::future::ready(Err(failure))),
+        }
+    }
+}
 
 pub struct RateLimiter {
     shape: Shape,
@@ -31,7 +82,7 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(config: &RateLimit) -> RateLimiter {
+    pub fn new(config: &Config) -> RateLimiter {
         let now = Instant::now();
         let shape = Shape::new(config);
         let keyed = config.key_header.as_ref().map(|_| Keyed {
@@ -117,7 +168,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn new(config: &RateLimit) -> Shape {
+    fn new(config: &Config) -> Shape {
         let max_tokens = config.max_tokens.0;
         Shape {
             max_tokens,
@@ -240,14 +291,15 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Limit;
+    use crate::stack::testing::{request, stack, Scripted};
     use tokio::time::advance;
+    use trellis_proto::model::policy::{HeaderKey, Limit};
 
     const SECOND: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
 
-    fn config(max_tokens: u32, tokens_per_fill: u32, interval: Duration) -> RateLimit {
-        RateLimit {
+    fn config(max_tokens: u32, tokens_per_fill: u32, interval: Duration) -> Config {
+        Config {
             max_tokens: Limit(max_tokens),
             tokens_per_fill: Some(Limit(tokens_per_fill)),
             fill_interval: interval,
@@ -256,9 +308,9 @@ mod tests {
         }
     }
 
-    fn keyed(max_tokens: u32, tokens_per_fill: u32, max_keys: u32) -> RateLimit {
-        RateLimit {
-            key_header: Some("x-client".into()),
+    fn keyed(max_tokens: u32, tokens_per_fill: u32, max_keys: u32) -> Config {
+        Config {
+            key_header: Some(HeaderKey(HeaderName::from_static("x-client"))),
             max_keys: Limit(max_keys),
             ..config(max_tokens, tokens_per_fill, SECOND)
         }
@@ -437,5 +489,28 @@ mod tests {
         assert_eq!(shape.refilled(0, u64::MAX), u32::MAX);
         assert_eq!(Shape::new(&config(1, 1, MS)).token_bits, 1);
         assert_eq!(Shape::new(&config(1, 1, Duration::ZERO)).interval_nanos, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stage_keys_buckets_by_the_configured_header() {
+        let upstream = Scripted::always(200);
+        let limited = stack(
+            RateLimit::new(&keyed(1, 1, 10), metrics::Counter::noop()),
+            upstream.clone(),
+        );
+        let from = |client: &str| {
+            let mut req = request();
+            req.headers_mut()
+                .insert("x-client", client.parse().unwrap());
+            req
+        };
+        assert!(limited.call(from("a")).await.is_ok());
+        let refused = limited.call(from("a")).await.unwrap_err();
+        assert_eq!(
+            (refused.status.as_u16(), refused.flags.label()),
+            (429, "RL")
+        );
+        assert!(limited.call(from("b")).await.is_ok());
+        assert_eq!(upstream.calls(), 2, "the refused request went nowhere");
     }
 }

@@ -8,23 +8,27 @@
 //! which says nothing about the call itself; like gRPC's own retry policy, they are
 //! retried on the listed conditions whatever the method.
 
+use super::{
+    outcome::{
+        flag_result, is_grpc, Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Rsp,
+    },
+    stage::{Next, Stage},
+};
 use crate::{
-    body::RequestBody,
-    policy::{Retry, RetryOn},
+    backoff::backoff,
     rng::Rng,
-    stack::{add_flags, Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Rsp},
+    upstream::body::{ReplayBody, RequestBody},
 };
 use http::{Method, Request};
 use std::{
     sync::{
         atomic::{AtomicU32, Ordering},
-        Arc, Mutex,
+        Mutex,
     },
-    task::{Context, Poll},
     time::Duration,
 };
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use trellis_proto::model::policy::{Retry as Config, RetryOn};
 
 /// How long the budget remembers requests and retries.
 const BUDGET_WINDOW_SECS: u64 = 10;
@@ -84,13 +88,6 @@ impl Budget {
     }
 }
 
-/// Full-jitter exponential backoff: retry `n` (from 0) waits a uniformly random
-/// time in `[0, min(max, base * 2^n))`.
-pub fn backoff(base: Duration, max: Duration, retry: u32, rng: &Rng) -> Duration {
-    let ceiling = base.saturating_mul(1u32 << retry.min(20)).min(max);
-    ceiling.mul_f64(rng.unit())
-}
-
 /// The counters a route's retries are reported in.
 pub struct RetryCounters {
     pub retries: metrics::Counter,
@@ -110,9 +107,12 @@ impl RetryCounters {
     }
 }
 
-struct Policy {
+/// The retry stage of one route. Its budget and its count of retries in flight
+/// live as long as the route's stack: across config versions that leave the route
+/// as it was.
+pub struct Retry {
     attempts: u32,
-    on: Vec<RetryOn>,
+    retry_on: Vec<RetryOn>,
     status_codes: Vec<u16>,
     base: Duration,
     max: Duration,
@@ -124,43 +124,14 @@ struct Policy {
     counters: RetryCounters,
 }
 
-#[derive(Clone)]
-pub struct RetryLayer(Arc<Policy>);
+/// A retry in flight, from its backoff to its attempt's result, counted until
+/// dropped however the request ends (a client that goes away, an outer timeout).
+struct ActiveRetry<'a>(&'a AtomicU32);
 
-impl RetryLayer {
-    /// `max_active` caps retries in flight at once (the connection pool's `maxRetries`).
-    pub fn new(config: &Retry, max_active: u32, rng: Rng, counters: RetryCounters) -> Self {
-        RetryLayer(Arc::new(Policy {
-            attempts: config.attempts,
-            on: config.on.clone(),
-            status_codes: config.status_codes.iter().map(|c| c.0).collect(),
-            base: config.backoff.base,
-            max: config.backoff.max,
-            non_idempotent: config.retry_non_idempotent,
-            budget: Budget::new(config.budget.percent.0, config.budget.min_per_second),
-            max_active,
-            active: AtomicU32::new(0),
-            rng,
-            counters,
-        }))
+impl Drop for ActiveRetry<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = RetryService<S>;
-
-    fn layer(&self, inner: S) -> RetryService<S> {
-        RetryService {
-            inner,
-            policy: self.0.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RetryService<S> {
-    inner: S,
-    policy: Arc<Policy>,
 }
 
 /// gRPC status codes by number, as they appear in `grpc-status`.
@@ -175,7 +146,34 @@ fn grpc_condition(code: &[u8]) -> Option<RetryOn> {
     }
 }
 
-impl Policy {
+impl Retry {
+    /// `max_active` caps retries in flight at once (the connection pool's `maxRetries`).
+    pub fn new(config: &Config, max_active: u32, rng: Rng, counters: RetryCounters) -> Retry {
+        Retry {
+            attempts: config.attempts,
+            retry_on: config.retry_on.clone(),
+            status_codes: config.status_codes.iter().map(|c| c.0).collect(),
+            base: config.backoff.base,
+            max: config.backoff.max,
+            non_idempotent: config.retry_non_idempotent,
+            budget: Budget::new(config.budget.percent.0, config.budget.min_per_second),
+            max_active,
+            active: AtomicU32::new(0),
+            rng,
+            counters,
+        }
+    }
+
+    /// A place among the retries in flight, or `None` when `maxRetries` are.
+    fn start_retry(&self) -> Option<ActiveRetry<'_>> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_active).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ActiveRetry(&self.active))
+    }
+
     fn idempotent(&self, method: &Method) -> bool {
         self.non_idempotent
             || matches!(
@@ -191,7 +189,7 @@ impl Policy {
 
     /// Whether this result is one the route retries.
     fn wants_retry(&self, result: &Result<Rsp, Failure>) -> bool {
-        let on = |c: RetryOn| self.on.contains(&c);
+        let on = |c: RetryOn| self.retry_on.contains(&c);
         match result {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -239,78 +237,60 @@ fn endpoint_of(result: &Result<Rsp, Failure>) -> Option<std::net::SocketAddr> {
     }
 }
 
-impl<S> Service<Req> for RetryService<S>
-where
-    S: Service<Req, Response = Rsp, Error = Failure> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = Rsp;
-    type Error = Failure;
-    type Future = BoxFuture<Result<Rsp, Failure>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failure>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let policy = self.policy.clone();
-        let inner = self.inner.clone();
+impl Stage for Retry {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
-        if upgrade || !(policy.idempotent(req.method()) || crate::stack::is_grpc(&req)) {
-            return Box::pin(inner.oneshot(req));
+        if upgrade || !(self.idempotent(req.method()) || is_grpc(&req)) {
+            return next.call(req);
         }
-        policy.budget.deposit();
+        self.budget.deposit();
         let (parts, body) = req.into_parts();
         let body = match body {
-            RequestBody::Incoming(incoming) => {
-                RequestBody::Replay(crate::body::ReplayBody::new(incoming))
-            }
+            RequestBody::Incoming(incoming) => RequestBody::Replay(ReplayBody::new(incoming)),
             other => other,
         };
         Box::pin(async move {
-            let mut next = body_copy(&body);
+            let mut next_body = body_copy(&body);
             let mut retries = 0u32;
             let mut avoid = None;
+            let mut active: Option<ActiveRetry<'_>> = None;
             loop {
-                let Some(this_body) = next.take() else {
+                let Some(this_body) = next_body.take() else {
                     return Err(no_body());
                 };
                 let mut req = Request::from_parts(parts.clone(), this_body);
                 if let Some(addr) = avoid {
                     req.extensions_mut().insert(Avoid(addr));
                 }
-                let result = inner.clone().oneshot(req).await;
-                if !policy.wants_retry(&result) {
+                let mut result = next.call(req).await;
+                // The retry (if this was one) is over.
+                active.take();
+                if !self.wants_retry(&result) {
                     return result;
                 }
-                let give_up = |mut result: Result<Rsp, Failure>| {
-                    match &mut result {
-                        Ok(response) => add_flags(response, Flags::URX),
-                        Err(failure) => failure.flags = failure.flags.union(Flags::URX),
-                    }
-                    result
-                };
-                if retries >= policy.attempts {
-                    return give_up(result);
-                }
-                next = body_copy(&body);
-                if next.is_none() {
+                if retries >= self.attempts {
+                    flag_result(&mut result, Flags::URX);
                     return result;
                 }
-                if !policy.budget.try_withdraw() {
-                    policy.counters.budget_exhausted.increment(1);
-                    return give_up(result);
+                next_body = body_copy(&body);
+                if next_body.is_none() {
+                    return result;
                 }
-                if policy.active.fetch_add(1, Ordering::AcqRel) >= policy.max_active {
-                    policy.active.fetch_sub(1, Ordering::AcqRel);
-                    policy.counters.overflow.increment(1);
-                    return give_up(result);
+                if !self.budget.try_withdraw() {
+                    self.counters.budget_exhausted.increment(1);
+                    flag_result(&mut result, Flags::URX);
+                    return result;
+                }
+                active = self.start_retry();
+                if active.is_none() {
+                    self.counters.overflow.increment(1);
+                    flag_result(&mut result, Flags::URX);
+                    return result;
                 }
                 avoid = endpoint_of(&result);
                 drop(result);
-                tokio::time::sleep(backoff(policy.base, policy.max, retries, &policy.rng)).await;
-                policy.active.fetch_sub(1, Ordering::AcqRel);
-                policy.counters.retries.increment(1);
+                tokio::time::sleep(backoff(self.base, self.max, retries, &self.rng)).await;
+                self.counters.retries.increment(1);
                 retries += 1;
             }
         })
@@ -330,24 +310,21 @@ fn no_body() -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::testing::{request, Scripted, Step};
+    use crate::stack::testing::{request, run, stack, Scripted, Step};
 
-    fn retry(yaml: &str) -> Retry {
-        serde_yaml_ng::from_str(yaml).unwrap()
+    /// A retry stage from its YAML, with at most `max_active` retries in flight.
+    fn retry_with(yaml: &str, max_active: u32) -> Retry {
+        let config: Config = serde_yaml_ng::from_str(yaml).unwrap();
+        Retry::new(
+            &config,
+            max_active,
+            Rng::with_seed(1),
+            RetryCounters::none(),
+        )
     }
 
-    #[test]
-    fn backoff_stays_within_full_jitter_bounds() {
-        let rng = Rng::with_seed(3);
-        let (base, max) = (Duration::from_millis(25), Duration::from_millis(250));
-        for n in 0..8u32 {
-            let ceiling = (base * 2u32.pow(n)).min(max);
-            let draws: Vec<_> = (0..1000).map(|_| backoff(base, max, n, &rng)).collect();
-            assert!(draws.iter().all(|d| *d < ceiling), "retry {n}");
-            // Full jitter spreads over the whole range, not just near the ceiling.
-            assert!(draws.iter().any(|d| *d < ceiling / 4), "retry {n}");
-            assert!(draws.iter().any(|d| *d > ceiling * 3 / 4), "retry {n}");
-        }
+    fn retry(yaml: &str) -> Retry {
+        retry_with(yaml, u32::MAX)
     }
 
     #[tokio::test(start_paused = true)]
@@ -374,15 +351,9 @@ mod tests {
     async fn retries_until_success_with_backoff_and_avoids_the_last_endpoint() {
         let addr = "198.18.0.9:80".parse().unwrap();
         let upstream = Scripted::new(vec![Step::From(addr), Step::From(addr)], Step::Status(200));
-        let service = RetryLayer::new(
-            &retry("{attempts: 3, on: [5xx]}"),
-            u32::MAX,
-            Rng::with_seed(1),
-            RetryCounters::none(),
-        )
-        .layer(upstream.clone());
+        let service = stack(retry("{attempts: 3, retryOn: [5xx]}"), upstream.clone());
         let start = tokio::time::Instant::now();
-        let response = service.oneshot(request()).await.unwrap();
+        let response = service.call(request()).await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(upstream.calls(), 3);
         assert_eq!(
@@ -396,14 +367,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_attempts_and_flags_it() {
         let upstream = Scripted::always(503);
-        let service = RetryLayer::new(
-            &retry("{attempts: 2, on: [gateway-error]}"),
-            u32::MAX,
-            Rng::with_seed(1),
-            RetryCounters::none(),
-        )
-        .layer(upstream.clone());
-        let response = service.oneshot(request()).await.unwrap();
+        let service = stack(
+            retry("{attempts: 2, retryOn: [gateway-error]}"),
+            upstream.clone(),
+        );
+        let response = service.call(request()).await.unwrap();
         assert_eq!(response.status(), 503);
         assert_eq!(upstream.calls(), 3, "first attempt plus two retries");
         assert!(response
@@ -418,30 +386,28 @@ mod tests {
     async fn conditions_decide_what_is_retried() {
         let cases: [(&str, Step, usize); 6] = [
             (
-                "{on: [connect-failure]}",
+                "{retryOn: [connect-failure]}",
                 Step::Fail(FailureKind::ConnectFailure),
                 3,
             ),
-            ("{on: [connect-failure]}", Step::Fail(FailureKind::Reset), 1),
-            ("{on: [reset]}", Step::Fail(FailureKind::Reset), 3),
             (
-                "{on: [retriable-status-codes], statusCodes: [409]}",
+                "{retryOn: [connect-failure]}",
+                Step::Fail(FailureKind::Reset),
+                1,
+            ),
+            ("{retryOn: [reset]}", Step::Fail(FailureKind::Reset), 3),
+            (
+                "{retryOn: [retriable-status-codes], statusCodes: [409]}",
                 Step::Status(409),
                 3,
             ),
-            ("{on: [gateway-error]}", Step::Status(500), 1),
-            ("{on: [5xx]}", Step::Status(500), 3),
+            ("{retryOn: [gateway-error]}", Step::Status(500), 1),
+            ("{retryOn: [5xx]}", Step::Status(500), 3),
         ];
         for (config, step, calls) in cases {
             let upstream = Scripted::new(vec![], step.clone());
-            let service = RetryLayer::new(
-                &retry(config),
-                u32::MAX,
-                Rng::with_seed(1),
-                RetryCounters::none(),
-            )
-            .layer(upstream.clone());
-            let _ = service.oneshot(request()).await;
+            let service = stack(retry(config), upstream.clone());
+            let _ = service.call(request()).await;
             assert_eq!(upstream.calls(), calls, "{config} with {step:?}");
         }
     }
@@ -454,63 +420,57 @@ mod tests {
                 .unwrap()
         };
         let upstream = Scripted::always(503);
-        let service = RetryLayer::new(
-            &retry("{on: [5xx]}"),
-            u32::MAX,
-            Rng::with_seed(1),
-            RetryCounters::none(),
-        )
-        .layer(upstream.clone());
-        service.oneshot(post()).await.unwrap();
+        let service = stack(retry("{retryOn: [5xx]}"), upstream.clone());
+        service.call(post()).await.unwrap();
         assert_eq!(upstream.calls(), 1);
 
         let upstream = Scripted::always(503);
-        let service = RetryLayer::new(
-            &retry("{on: [5xx], retryNonIdempotent: true}"),
-            u32::MAX,
-            Rng::with_seed(1),
-            RetryCounters::none(),
-        )
-        .layer(upstream.clone());
-        service.oneshot(post()).await.unwrap();
+        let service = stack(
+            retry("{retryOn: [5xx], retryNonIdempotent: true}"),
+            upstream.clone(),
+        );
+        service.call(post()).await.unwrap();
         assert_eq!(upstream.calls(), 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn grpc_statuses_in_headers_are_retried() {
-        #[derive(Clone)]
-        struct Grpc(Scripted);
-        impl Service<Req> for Grpc {
-            type Response = Rsp;
-            type Error = Failure;
-            type Future = BoxFuture<Result<Rsp, Failure>>;
-            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failure>> {
-                Poll::Ready(Ok(()))
-            }
-            fn call(&mut self, req: Req) -> Self::Future {
-                let inner = self.0.clone();
-                Box::pin(async move {
-                    let calls = inner.calls();
-                    let mut response = inner.oneshot(req).await?;
-                    if calls == 0 {
-                        response
-                            .headers_mut()
-                            .insert("grpc-status", "14".parse().unwrap());
-                    }
-                    Ok(response)
-                })
-            }
-        }
-        let upstream = Scripted::always(200);
-        let service = RetryLayer::new(
-            &retry("{on: [unavailable]}"),
-            u32::MAX,
-            Rng::with_seed(1),
-            RetryCounters::none(),
+        let upstream = Scripted::new(vec![Step::Grpc(14)], Step::Status(200));
+        let response = run(
+            retry("{retryOn: [unavailable]}"),
+            upstream.clone(),
+            request(),
         )
-        .layer(Grpc(upstream.clone()));
-        let response = service.oneshot(request()).await.unwrap();
+        .await
+        .unwrap();
         assert!(response.headers().get("grpc-status").is_none());
         assert_eq!(upstream.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_dropped_during_its_backoff_frees_its_retry() {
+        // One retry in flight at most, and a backoff long enough to be caught in.
+        let service = stack(
+            retry_with(
+                "{attempts: 1, retryOn: [5xx], backoff: {base: 10s, max: 10s}}",
+                1,
+            ),
+            Scripted::new(vec![Step::Status(503); 4], Step::Status(200)),
+        );
+        for _ in 0..3 {
+            let caller = service.clone();
+            let task = tokio::spawn(async move { caller.call(request()).await });
+            // Let it get its first answer (503) and start backing off.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            task.abort();
+            assert!(task.await.unwrap_err().is_cancelled());
+        }
+        // Nothing is left in flight: the next request's 503 is retried.
+        let response = service.call(request()).await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "the dropped requests' retries were released"
+        );
     }
 }

@@ -2,59 +2,20 @@
 //! A request still waiting for response headers at the deadline gets 504 `UT`;
 //! the response body, once it streams, is not cut short.
 
-use crate::stack::{BoxFuture, Failure, Req, Rsp};
-use std::{
-    task::{Context, Poll},
-    time::Duration,
+use super::{
+    outcome::{BoxFuture, Failure, Req, Rsp},
+    stage::{Next, Stage},
 };
-use tower::{Layer, Service, ServiceExt};
+use std::time::Duration;
 
-#[derive(Clone)]
-pub struct TimeoutLayer(Duration);
+pub struct Timeout(pub Duration);
 
-impl TimeoutLayer {
-    pub fn new(after: Duration) -> Self {
-        TimeoutLayer(after)
-    }
-}
-
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            after: self.0,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Timeout<S> {
-    inner: S,
-    after: Duration,
-}
-
-impl<S> Service<Req> for Timeout<S>
-where
-    S: Service<Req, Response = Rsp, Error = Failure> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = Rsp;
-    type Error = Failure;
-    type Future = BoxFuture<Result<Rsp, Failure>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failure>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let inner = self.inner.clone();
-        let after = self.after;
+impl Stage for Timeout {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
         Box::pin(async move {
-            match tokio::time::timeout(after, inner.oneshot(req)).await {
+            match tokio::time::timeout(self.0, next.call(req)).await {
                 Ok(result) => result,
-                Err(_) => Err(Failure::timeout(after)),
+                Err(_) => Err(Failure::timeout(self.0)),
             }
         })
     }
@@ -63,15 +24,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::testing::{request, Scripted};
+    use crate::stack::testing::{request, run, Scripted};
 
     #[tokio::test(start_paused = true)]
     async fn fires_at_the_deadline_and_not_before() {
         let slow = Scripted::delayed(Duration::from_millis(1500));
         let start = tokio::time::Instant::now();
-        let failure = TimeoutLayer::new(Duration::from_secs(1))
-            .layer(slow.clone())
-            .oneshot(request())
+        let failure = run(Timeout(Duration::from_secs(1)), slow, request())
             .await
             .unwrap_err();
         assert_eq!(start.elapsed(), Duration::from_secs(1));
@@ -79,9 +38,7 @@ mod tests {
         assert_eq!(failure.flags.label(), "UT");
 
         let fast = Scripted::delayed(Duration::from_millis(999));
-        let response = TimeoutLayer::new(Duration::from_secs(1))
-            .layer(fast)
-            .oneshot(request())
+        let response = run(Timeout(Duration::from_secs(1)), fast, request())
             .await
             .unwrap();
         assert_eq!(response.status(), 200);

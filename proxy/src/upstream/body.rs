@@ -5,7 +5,7 @@
 //! what it streamed, up to [`REPLAY_LIMIT`], so a retry can send it again; past the
 //! limit the copy is dropped and the request is no longer retried.
 
-use crate::pool::Lease;
+use super::pool::Lease;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -15,6 +15,11 @@ use std::{
     sync::{Arc, Mutex},
     task::{Context, Poll},
 };
+
+/// A request as it crosses the proxy.
+pub type Req = http::Request<RequestBody>;
+/// A response as it crosses the proxy.
+pub type Rsp = http::Response<ResponseBody>;
 
 /// Request bodies larger than this are never buffered for a retry.
 pub const REPLAY_LIMIT: usize = 64 * 1024;

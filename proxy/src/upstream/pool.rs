@@ -5,8 +5,12 @@
 //! a request and checked back in when its response body has been read to the end.
 //! A request that fails on a reused connection before any of it was written (the
 //! server closed an idle keep-alive connection) is sent again on a fresh one.
+//!
+//! A destination with `maxConnections` hands its [`ConnectionLimit`] along: each
+//! connection made for it holds a place until the connection closes, and a request
+//! that needs a new connection when none is left is refused (503 `UO`).
 
-use crate::body::RequestBody;
+use super::body::RequestBody;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -19,7 +23,10 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 /// Why an upstream request failed, mapped to a response flag by the caller.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("backend {backend} is over its connection limit ({limit})")]
+    Overflow { backend: Arc<str>, limit: usize },
 }
 
 impl UpstreamError {
@@ -50,6 +59,42 @@ impl UpstreamError {
             self,
             UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
         )
+    }
+
+    /// True when the destination's own `maxConnections` refused it: nothing was sent.
+    pub fn is_overflow(&self) -> bool {
+        matches!(self, UpstreamError::Overflow { .. })
+    }
+}
+
+/// A destination's `maxConnections`: how many upstream connections it may hold open.
+pub struct ConnectionLimit {
+    slots: Arc<Semaphore>,
+    limit: usize,
+    backend: Arc<str>,
+    overflows: metrics::Counter,
+}
+
+impl ConnectionLimit {
+    pub fn new(limit: u32, backend: Arc<str>) -> ConnectionLimit {
+        let limit = limit as usize;
+        ConnectionLimit {
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            overflows: metrics::counter!(crate::metrics::OVERFLOW_TOTAL, "backend" => backend.clone()),
+            backend,
+        }
+    }
+
+    /// A place for one more connection, held for as long as the connection lives.
+    fn take(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            self.overflows.increment(1);
+            UpstreamError::Overflow {
+                backend: self.backend.clone(),
+                limit: self.limit,
+            }
+        })
     }
 }
 
@@ -126,13 +171,16 @@ impl Pool {
     async fn connect_h1(
         &self,
         addr: SocketAddr,
+        limit: Option<&ConnectionLimit>,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let place = limit.map(ConnectionLimit::take).transpose()?;
         let io = self.connect(addr).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
+            let _place = place;
             if let Err(error) = conn.with_upgrades().await {
                 tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
             }
@@ -146,11 +194,12 @@ impl Pool {
         self: &Arc<Self>,
         addr: SocketAddr,
         mut req: Request<RequestBody>,
+        limit: Option<&ConnectionLimit>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
         loop {
             let (mut sender, reused) = match self.checkout_h1(addr).await {
                 Some(sender) => (sender, true),
-                None => (self.connect_h1(addr).await?, false),
+                None => (self.connect_h1(addr, limit).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -180,6 +229,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         req: Request<RequestBody>,
+        limit: Option<&ConnectionLimit>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let existing = lock(&self.h2)
             .get(&addr)
@@ -188,6 +238,7 @@ impl Pool {
         let mut sender = match existing {
             Some(sender) => sender,
             None => {
+                let place = limit.map(ConnectionLimit::take).transpose()?;
                 let io = self.connect(addr).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -195,6 +246,7 @@ impl Pool {
                     .await
                     .map_err(|source| UpstreamError::Handshake { addr, source })?;
                 tokio::spawn(async move {
+                    let _place = place;
                     if let Err(error) = conn.await {
                         tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
                     }
