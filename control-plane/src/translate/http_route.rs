@@ -25,9 +25,9 @@
 //! Paths, regexes and header names are checked here as the proxy checks them, so a
 //! route the proxy would refuse is refused here instead, naming its field.
 
+use super::objects::{is_core_group, Key};
 use super::problem::{invalid, parse_value, unresolved, Problem};
-use super::service::{port_number, Port};
-use super::{is_core_group, Index, Key};
+use super::service::{port_number, Port, Services};
 use gateway_api::apis::standard::httproutes::{
     HttpRoute, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
     HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
@@ -79,7 +79,7 @@ pub(super) fn section_of(rule: &HttpRouteRules, index: usize) -> String {
 pub(super) fn translate_route(
     key: &Key,
     route: &HttpRoute,
-    index: &Index,
+    services: &Services,
 ) -> Option<Result<Attached, Vec<Problem>>> {
     let parent_refs = route.spec.parent_refs.as_deref().unwrap_or_default();
     let service_parents: Vec<(usize, _)> = parent_refs
@@ -104,7 +104,7 @@ pub(super) fn translate_route(
             continue;
         }
         let service_key = (namespace, parent.name.clone());
-        let Some(service) = index.services.get(&service_key) else {
+        let Some(service) = services.get(&service_key) else {
             problems.push(unresolved(
                 "NoMatchingParent",
                 at("name"),
@@ -157,7 +157,7 @@ pub(super) fn translate_route(
 
     let mut rules = Vec::new();
     for (j, rule) in rules_of(route).iter().enumerate() {
-        match translate_rule(key, j, rule, index) {
+        match translate_rule(key, j, rule, services) {
             Ok(rule) => rules.push(rule),
             Err(mut more) => problems.append(&mut more),
         }
@@ -173,7 +173,7 @@ fn translate_rule(
     key: &Key,
     j: usize,
     rule: &HttpRouteRules,
-    index: &Index,
+    services: &Services,
 ) -> Result<Rule, Vec<Problem>> {
     let at = |field: &str| format!("spec.rules[{j}].{field}");
     let mut problems = Vec::new();
@@ -193,7 +193,7 @@ fn translate_rule(
     }
     let mut backends = Vec::new();
     for (b, backend) in rule.backend_refs.iter().flatten().enumerate() {
-        match translate_backend(key, backend, &at(&format!("backendRefs[{b}]")), index) {
+        match translate_backend(key, backend, &at(&format!("backendRefs[{b}]")), services) {
             Ok(backend) => backends.push(backend),
             Err(problem) => problems.push(problem),
         }
@@ -347,7 +347,7 @@ fn translate_backend(
     key: &Key,
     backend: &HttpRouteRulesBackendRefs,
     at: &str,
-    index: &Index,
+    services: &Services,
 ) -> Result<model::BackendRef, Problem> {
     let kind = backend.kind.as_deref().unwrap_or("Service");
     if kind != "Service" || !is_core_group(backend.group.as_deref()) {
@@ -390,10 +390,7 @@ fn translate_backend(
         ));
     };
     let namespace = backend.namespace.clone().unwrap_or_else(|| key.0.clone());
-    let Some(service) = index
-        .services
-        .get(&(namespace.clone(), backend.name.clone()))
-    else {
+    let Some(service) = services.get(&(namespace.clone(), backend.name.clone())) else {
         return Err(unresolved(
             "BackendNotFound",
             format!("{at}.name"),

@@ -21,11 +21,55 @@
 //! with the same words; a spec field this version does not know is refused too
 //! ([`unknown_fields`]).
 
-use super::{Key, ObjectStatus};
+use super::objects::Key;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Display;
+
+/// Accepted=False (with reason and a message naming the field) or Accepted=True
+/// for one object; which objects get one, and what it says, is under Statuses in
+/// the module documentation above.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectStatus {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub accepted: bool,
+    pub reason: String,
+    pub message: String,
+    pub resolved_refs: bool,
+}
+
+impl ObjectStatus {
+    /// The Gateway-API-style conditions to write on the object: `Accepted` and
+    /// `ResolvedRefs`, each True with its own name as reason, or False with
+    /// [`reason`](Self::reason) and [`message`](Self::message). A writer should
+    /// keep a condition's old `lastTransitionTime` when its status is unchanged.
+    pub fn conditions(&self, observed_generation: Option<i64>, now: &Time) -> Vec<Condition> {
+        let condition = |type_: &str, ok: bool| Condition {
+            type_: type_.to_owned(),
+            status: if ok { "True" } else { "False" }.to_owned(),
+            reason: if ok {
+                type_.to_owned()
+            } else {
+                self.reason.clone()
+            },
+            message: if ok {
+                String::new()
+            } else {
+                self.message.clone()
+            },
+            observed_generation,
+            last_transition_time: now.clone(),
+        };
+        vec![
+            condition("Accepted", self.accepted),
+            condition("ResolvedRefs", self.resolved_refs),
+        ]
+    }
+}
 
 /// Why an object is not in effect.
 #[derive(Clone)]

@@ -17,10 +17,13 @@
 //! Pods are not read yet: identity (service accounts) arrives with the CA. A pod
 //! is recognised by its EndpointSlice endpoints, as above.
 
-use super::problem::{invalid, parse_value, status, unknown_fields, unresolved, Problem};
+use super::index::{oldest_first, Index};
+use super::objects::{namespace_of, Key, Objects, SERVER_POLICY};
+use super::problem::{
+    invalid, parse_value, status, unknown_fields, unresolved, ObjectStatus, Problem,
+};
 use super::service::{is_dns_label, port_number, slice_port};
 use super::traffic_policy::{resolve_target, Target};
-use super::{namespace_of, oldest_first, Index, Key, ObjectStatus, Objects, SERVER_POLICY};
 use crate::crd::{Authorization, MtlsMode, ServerPolicy};
 use serde_json::Value;
 use std::net::IpAddr;

@@ -15,8 +15,8 @@
 //! port out of range or listed twice) is refused with the field named, and
 //! everything that refers to it then finds nothing.
 
-use super::problem::{invalid, status, Problem};
-use super::{namespace_of, oldest_first, Key, ObjectStatus, Objects, SERVICE};
+use super::objects::{namespace_of, Key, SERVICE};
+use super::problem::{invalid, status, ObjectStatus, Problem};
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -55,23 +55,29 @@ impl ServiceInfo<'_> {
     }
 }
 
-/// The usable Services, each with its EndpointSlices (by name); a Service that
-/// cannot be used, or is defined twice, gets a status in `statuses` instead.
+/// The usable Services by namespace/name: what routes, backendRefs and targetRefs
+/// resolve against.
+pub(super) type Services<'a> = BTreeMap<Key, ServiceInfo<'a>>;
+
+/// The usable Services among `services` (oldest first, each once), each with its
+/// EndpointSlices among `slices` (sorted by name); a Service that cannot be used
+/// gets a status in `statuses` instead.
 pub(super) fn services<'a>(
-    objects: &'a Objects,
+    services: Vec<(Key, &KubeService)>,
+    slices: &'a [EndpointSlice],
     statuses: &mut Vec<ObjectStatus>,
-) -> BTreeMap<Key, ServiceInfo<'a>> {
-    let mut services = BTreeMap::new();
-    for (key, service) in oldest_first(&objects.services, |s| &s.metadata, SERVICE, statuses) {
+) -> Services<'a> {
+    let mut usable = BTreeMap::new();
+    for (key, service) in services {
         match service_info(&key, service) {
             Ok(Some(info)) => {
-                services.insert(key, info);
+                usable.insert(key, info);
             }
             Ok(None) => {}
             Err(problem) => statuses.push(status(SERVICE, &key, vec![problem])),
         }
     }
-    for slice in &objects.endpoint_slices {
+    for slice in slices {
         let Some(service) = slice
             .metadata
             .labels
@@ -81,14 +87,14 @@ pub(super) fn services<'a>(
             continue;
         };
         let key = (namespace_of(&slice.metadata), service.clone());
-        if let Some(info) = services.get_mut(&key) {
+        if let Some(info) = usable.get_mut(&key) {
             info.slices.push(slice);
         }
     }
-    for info in services.values_mut() {
+    for info in usable.values_mut() {
         info.slices.sort_by_key(|s| s.metadata.name.clone());
     }
-    services
+    usable
 }
 
 /// A Service's ports and address; None for an ExternalName Service.

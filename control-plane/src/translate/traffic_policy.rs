@@ -32,12 +32,16 @@
 //! model route's `policy` never carries a destination section.
 
 use super::http_route::{rules_of, section_of, Rule};
+use super::index::Index;
+use super::objects::{is_core_group, Key, RouteKey, GRPC_ROUTE, HTTP_ROUTE};
 use super::problem::{invalid, parse_value, unknown_fields, unresolved, Problem};
-use super::{is_core_group, Index, Key, RouteKey, GATEWAY_GROUP, GRPC_ROUTE, HTTP_ROUTE};
 use crate::crd::{TargetRef, TrafficPolicy};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use trellis_proto::model::policy::{Policy, Timeouts};
+
+/// The group of the route kinds a targetRef may name.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// What a targetRef resolved to.
 pub(super) enum Target {
