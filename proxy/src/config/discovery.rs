@@ -11,6 +11,7 @@
 //! do not touch it apply as usual. The proxy keeps `accepted`, the resources its
 //! table runs; each version's changes are tried on top of it.
 
+use super::file::check_routes;
 use crate::upstream::pool::Pool;
 use crate::{backoff::backoff, rng::Rng, routing::table::SharedTable, settings::Identity};
 use std::{
@@ -192,7 +193,7 @@ fn build(
     pool: &Arc<Pool>,
 ) -> Result<crate::routing::table::RouteTable, ResourceError> {
     let config = from_resources(resources)?;
-    crate::config::check_routes(&config).map_err(|(path, message)| {
+    check_routes(&config).map_err(|(path, message)| {
         // "services[i]..." names a service; say which resource that is.
         let resource = path
             .strip_prefix("services[")

@@ -16,9 +16,10 @@ use crate::{
     shutdown::Drain,
     stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Outcome, Req, Rsp},
     upstream::{
-        body::{RequestBody, ResponseBody},
+        body::ResponseBody,
         forward::{forward, is_upgrade},
         pool::Pool,
+        request_body::RequestBody,
     },
 };
 use http::{header, HeaderValue, Request, Response, StatusCode};

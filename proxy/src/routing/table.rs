@@ -430,7 +430,7 @@ pub fn shared(config: Config, pool: &Arc<Pool>) -> Result<SharedTable, String> {
 mod tests {
     use super::*;
     use crate::stack::balance::outlier::Answer;
-    use crate::upstream::body::RequestBody;
+    use crate::upstream::request_body::RequestBody;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
     use tokio::net::TcpListener;

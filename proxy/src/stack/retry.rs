@@ -17,7 +17,7 @@ use super::{
 use crate::{
     backoff::backoff,
     rng::Rng,
-    upstream::body::{ReplayBody, RequestBody},
+    upstream::request_body::{ReplayBody, RequestBody},
 };
 use http::{Method, Request};
 use std::{

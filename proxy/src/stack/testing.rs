@@ -5,7 +5,7 @@ use super::{
     outcome::{Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Rsp},
     stage::{Next, Stack, Stage},
 };
-use crate::upstream::body::{RequestBody, ResponseBody};
+use crate::upstream::{body::ResponseBody, request_body::RequestBody};
 use http::{Request, Response, StatusCode};
 use std::{
     collections::VecDeque,

@@ -10,7 +10,7 @@
 //! connection made for it holds a place until the connection closes, and a request
 //! that needs a new connection when none is left is refused (503 `UO`).
 
-use super::body::RequestBody;
+use super::request_body::RequestBody;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -263,5 +263,72 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|source| UpstreamError::Reset { addr, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::server::conn::http1 as server;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An HTTP/1 server on loopback answering 200 to everything; counts connections.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    });
+                    let _ = server::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::get("/").body(RequestBody::Empty).unwrap()
+    }
+
+    #[tokio::test]
+    async fn max_connections_refuses_a_new_connection_and_reuses_an_idle_one() {
+        let (addr, connections) = server().await;
+        let pool = Pool::new(Duration::from_secs(5));
+        let limit = ConnectionLimit::new(1, "web.default:80".into());
+        let (first, lease) = pool.send_h1(addr, get(), Some(&limit)).await.unwrap();
+        assert_eq!(first.status(), 200);
+
+        // The one connection is lent out: a second request would need another.
+        let Err(refused) = pool.send_h1(addr, get(), Some(&limit)).await else {
+            panic!("a second connection was opened");
+        };
+        assert!(refused.is_overflow(), "{refused}");
+        assert_eq!(
+            refused.to_string(),
+            "backend web.default:80 is over its connection limit (1)"
+        );
+
+        // Once it is back in the pool, the next request takes it.
+        drop(first);
+        lease.release();
+        let (again, _lease) = pool.send_h1(addr, get(), Some(&limit)).await.unwrap();
+        assert_eq!(again.status(), 200);
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+        // Without a limit the same pool opens as many as it needs.
+        let (_a, _la) = pool.send_h1(addr, get(), None).await.unwrap();
+        let (_b, _lb) = pool.send_h1(addr, get(), None).await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
     }
 }

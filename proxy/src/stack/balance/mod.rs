@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use tokio::time::Instant;
 use trellis_proto::model::policy::{BalancerType, HashOn, LoadBalancer, OutlierDetection};
 
@@ -50,11 +50,17 @@ struct Inner {
 }
 
 /// One endpoint and everything the balancer knows about it.
-pub(super) struct Endpoint {
+struct Endpoint {
     addr: SocketAddr,
     in_flight: AtomicU32,
     rtt: p2c::Rtt,
     health: Health,
+}
+
+impl AsRef<Health> for Endpoint {
+    fn as_ref(&self) -> &Health {
+        &self.health
+    }
 }
 
 impl Endpoint {
@@ -164,11 +170,20 @@ impl Balancer {
             outlier.return_if_due(&inner.endpoints, now);
         }
         let (filter, admitted) = inner.filter(avoid);
+        let endpoints = &inner.endpoints;
         let index = match hash {
             Some(hash) if !inner.ring.is_empty() => {
-                ring::pick(&inner.ring, &inner.endpoints, hash, filter)
+                ring::pick(&inner.ring, hash, |i| filter.admits(&endpoints[i]))
             }
-            _ => p2c::pick(&inner.endpoints, filter, admitted, &inner.rng, now),
+            _ => p2c::pick(
+                admitted,
+                &inner.rng,
+                |k| filter.nth(endpoints, k),
+                |i| {
+                    let in_flight = endpoints[i].in_flight.load(Ordering::Relaxed);
+                    endpoints[i].rtt.cost(in_flight, now)
+                },
+            ),
         };
         Some(self.take(index, now))
     }
@@ -186,10 +201,15 @@ impl Balancer {
 
     /// Endpoints currently ejected (for tests and /config_dump).
     pub fn ejected(&self) -> Vec<SocketAddr> {
-        match &self.0.outlier {
-            Some(outlier) => outlier.ejected_of(&self.0.endpoints, Instant::now()),
-            None => Vec::new(),
-        }
+        let Some(outlier) = &self.0.outlier else {
+            return Vec::new();
+        };
+        let endpoints = &self.0.endpoints;
+        outlier
+            .ejected_of(endpoints, Instant::now())
+            .into_iter()
+            .map(|i| endpoints[i].addr)
+            .collect()
     }
 }
 
@@ -248,7 +268,7 @@ impl fmt::Debug for Pick {
 
 /// Which endpoints a pick may take.
 #[derive(Clone, Copy)]
-pub(super) struct Filter {
+struct Filter {
     skip_ejected: bool,
     avoid: Option<SocketAddr>,
 }
@@ -395,18 +415,12 @@ impl Stage for Balance {
     }
 }
 
-/// A lock that a panic elsewhere does not take down with it: the guarded values
-/// are plain numbers, valid at every step.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::metrics::{ENDPOINTS_EJECTED, OUTLIER_EJECTIONS_TOTAL};
     use std::collections::HashMap;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::{atomic::AtomicU64, Mutex};
     use std::time::Duration;
     use tokio::time::advance;
     use trellis_proto::model::policy::{Limit, Percent};
@@ -486,12 +500,16 @@ mod tests {
                 .map(|l| format!("{}={}", l.key(), l.value()))
                 .collect();
             let name = format!("{}{{{}}}", key.name(), labels.join(","));
-            Arc::clone(lock(&self.0).entry(name).or_default())
+            Arc::clone(self.0.lock().unwrap().entry(name).or_default())
         }
 
         fn value(&self, name: &str) -> Option<u64> {
             let key = format!("{name}{{backend=reviews.shop:8080}}");
-            lock(&self.0).get(&key).map(|v| v.load(Ordering::Relaxed))
+            self.0
+                .lock()
+                .unwrap()
+                .get(&key)
+                .map(|v| v.load(Ordering::Relaxed))
         }
 
         fn counter(&self, name: &str) -> u64 {

@@ -9,10 +9,8 @@
 //! set: an endpoint still in the new set stays ejected. Ejected endpoints come back
 //! lazily, on the next pick or answer; there is no background task.
 
-use super::{lock, Endpoint};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 use trellis_proto::model::policy::OutlierDetection;
@@ -30,10 +28,11 @@ pub enum Answer {
     GatewayError,
 }
 
-/// One endpoint's standing with outlier detection.
-pub(super) struct Health {
+/// One endpoint's standing with outlier detection. The detector works on any
+/// endpoint type that carries one (`AsRef<Health>`).
+pub struct Health {
     /// Set while ejected; read on every pick without a lock.
-    pub(super) ejected: AtomicBool,
+    pub ejected: AtomicBool,
     /// Runs of errors, kept apart from the lock so that a success, the common
     /// case, takes none.
     consecutive_5xx: AtomicU32,
@@ -51,7 +50,7 @@ struct Record {
 }
 
 impl Health {
-    pub(super) fn new(now: Instant) -> Health {
+    pub fn new(now: Instant) -> Health {
         Health {
             ejected: AtomicBool::new(false),
             consecutive_5xx: AtomicU32::new(0),
@@ -66,7 +65,7 @@ impl Health {
 }
 
 /// A destination's outlier detection: its thresholds and what is ejected now.
-pub(super) struct Outlier {
+pub struct Outlier {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
     interval: Duration,
@@ -78,7 +77,7 @@ pub(super) struct Outlier {
     /// none), so a pick takes the lock only when someone may be due back.
     next_return: AtomicU64,
     /// Endpoints of the current set ejected now, readable without the lock.
-    pub(super) ejected: AtomicUsize,
+    pub ejected: AtomicUsize,
     /// Serialises ejections and returns, so the percentage cap holds.
     lock: Mutex<()>,
     ejections: metrics::Counter,
@@ -86,7 +85,7 @@ pub(super) struct Outlier {
 }
 
 impl Outlier {
-    pub(super) fn new(config: &OutlierDetection, label: &Arc<str>, now: Instant) -> Outlier {
+    pub fn new(config: &OutlierDetection, label: &Arc<str>, now: Instant) -> Outlier {
         let ejected_gauge =
             metrics::gauge!(crate::metrics::ENDPOINTS_EJECTED, "backend" => Arc::clone(label));
         // A new detector starts with nothing ejected; say so rather than leave a
@@ -120,12 +119,12 @@ impl Outlier {
 
     /// Takes over a new endpoint set (endpoints kept from the old one bring their
     /// ejections with them) and puts back whoever is due.
-    pub(super) fn adopt(&self, endpoints: &[Arc<Endpoint>], now: Instant) {
+    pub fn adopt<E: AsRef<Health>>(&self, endpoints: &[Arc<E>], now: Instant) {
         let _lock = lock(&self.lock);
         self.settle(endpoints, now);
     }
 
-    pub(super) fn return_if_due(&self, endpoints: &[Arc<Endpoint>], now: Instant) {
+    pub fn return_if_due<E: AsRef<Health>>(&self, endpoints: &[Arc<E>], now: Instant) {
         if self.due(now) {
             let _lock = lock(&self.lock);
             self.settle(endpoints, now);
@@ -134,11 +133,11 @@ impl Outlier {
 
     /// With the lock held: puts back every endpoint whose ejection has ended by
     /// `now`, then counts who is still out and when the next one is due.
-    fn settle(&self, endpoints: &[Arc<Endpoint>], now: Instant) {
+    fn settle<E: AsRef<Health>>(&self, endpoints: &[Arc<E>], now: Instant) {
         let mut next = u64::MAX;
         let mut ejected = 0;
         for endpoint in endpoints {
-            let health = &endpoint.health;
+            let health = health_of(endpoint);
             let mut record = lock(&health.record);
             match record.ejected_until {
                 Some(until) if until <= now => {
@@ -160,15 +159,15 @@ impl Outlier {
     }
 
     /// Counts one answer of `endpoint` (one of `endpoints`, the set it was picked from).
-    pub(super) fn record(
+    pub fn record<E: AsRef<Health>>(
         &self,
-        endpoints: &[Arc<Endpoint>],
-        endpoint: &Arc<Endpoint>,
+        endpoints: &[Arc<E>],
+        endpoint: &Arc<E>,
         answer: Answer,
         now: Instant,
     ) {
         self.return_if_due(endpoints, now);
-        let health = &endpoint.health;
+        let health = health_of(endpoint);
         // Answers still arriving from an ejected endpoint decide nothing: its
         // runs start afresh when it returns.
         if health.ejected.load(Ordering::Relaxed) {
@@ -208,12 +207,12 @@ impl Outlier {
         // an endpoint that left the set is no one's to eject.
         let in_set = endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint));
         if in_set && !health.ejected.load(Ordering::Relaxed) {
-            self.eject(endpoints.len(), endpoint, now);
+            self.eject(endpoints.len(), health, now);
         }
     }
 
     /// With the lock held: ejects `endpoint` if the caps allow.
-    fn eject(&self, total: usize, endpoint: &Endpoint, now: Instant) {
+    fn eject(&self, total: usize, health: &Health, now: Instant) {
         let before = self.ejected.load(Ordering::Relaxed);
         let after = before + 1;
         // Never the last endpoint in service; past the percentage only if no one
@@ -222,7 +221,7 @@ impl Outlier {
         if after >= total || !(within || before == 0) {
             return;
         }
-        let mut record = lock(&endpoint.health.record);
+        let mut record = lock(&health.record);
         let served = now.saturating_duration_since(record.in_service_since);
         let worn_off = served
             .as_nanos()
@@ -240,20 +239,18 @@ impl Outlier {
             .or_else(|| now.checked_add(MAX_EJECTION_TIME))
             .unwrap_or(now);
         record.ejected_until = Some(until);
-        endpoint.health.ejected.store(true, Ordering::Relaxed);
+        health.ejected.store(true, Ordering::Relaxed);
         self.next_return
             .fetch_min(self.since_epoch(until), Ordering::AcqRel);
         self.ejections.increment(1);
         self.publish(after);
     }
 
-    /// The endpoints of `endpoints` ejected now (for tests and `/config_dump`).
-    pub(super) fn ejected_of(&self, endpoints: &[Arc<Endpoint>], now: Instant) -> Vec<SocketAddr> {
+    /// The indices of the endpoints ejected now (for tests and `/config_dump`).
+    pub fn ejected_of<E: AsRef<Health>>(&self, endpoints: &[Arc<E>], now: Instant) -> Vec<usize> {
         self.return_if_due(endpoints, now);
-        endpoints
-            .iter()
-            .filter(|e| e.health.ejected.load(Ordering::Relaxed))
-            .map(|e| e.addr)
+        (0..endpoints.len())
+            .filter(|&i| health_of(&endpoints[i]).ejected.load(Ordering::Relaxed))
             .collect()
     }
 
@@ -261,6 +258,16 @@ impl Outlier {
         self.ejected.store(ejected, Ordering::Relaxed);
         self.ejected_gauge.set(ejected as f64);
     }
+}
+
+fn health_of<E: AsRef<Health>>(endpoint: &Arc<E>) -> &Health {
+    (**endpoint).as_ref()
+}
+
+/// The guarded values are plain numbers, valid at every step: a panic elsewhere
+/// does not make them unusable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Adds one to a run of errors and returns the new length.

@@ -1,9 +1,8 @@
 //! Power of two choices over a peak-EWMA latency estimate, as Linkerd balances:
 //! two endpoints drawn at random, the one with the lower estimate × load wins.
 
-use super::{lock, Endpoint, Filter};
 use crate::rng::Rng;
-use std::sync::{atomic::Ordering, Mutex};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -13,7 +12,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY_NANOS: f64 = 10e9;
 
 /// Peak-EWMA latency estimate of one endpoint, in nanoseconds as of `at`.
-pub(super) struct Rtt(Mutex<Estimate>);
+pub struct Rtt(Mutex<Estimate>);
 
 struct Estimate {
     nanos: f64,
@@ -21,7 +20,7 @@ struct Estimate {
 }
 
 impl Rtt {
-    pub(super) fn new(now: Instant) -> Rtt {
+    pub fn new(now: Instant) -> Rtt {
         Rtt(Mutex::new(Estimate {
             nanos: DEFAULT_RTT.as_nanos() as f64,
             at: now,
@@ -30,9 +29,9 @@ impl Rtt {
 
     /// A slower observation replaces the estimate at once, so a degrading endpoint
     /// sheds load now; a faster one is blended in by how long ago the last was.
-    pub(super) fn observe(&self, rtt: Duration, now: Instant) {
+    pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let mut state = lock(&self.0);
+        let mut state = self.lock();
         if rtt > state.nanos {
             state.nanos = rtt;
         } else {
@@ -45,9 +44,22 @@ impl Rtt {
     /// The estimate as of `now`. It decays toward zero while nothing is observed,
     /// as in Linkerd: otherwise an endpoint that was slow once would lose every
     /// comparison and never be measured again.
-    pub(super) fn at(&self, now: Instant) -> f64 {
-        let state = lock(&self.0);
+    pub fn at(&self, now: Instant) -> f64 {
+        let state = self.lock();
         state.nanos * decay(now.saturating_duration_since(state.at))
+    }
+}
+
+impl Rtt {
+    /// Estimate × (in flight + 1): what choosing this endpoint is expected to cost.
+    pub fn cost(&self, in_flight: u32, now: Instant) -> f64 {
+        self.at(now) * (f64::from(in_flight) + 1.0)
+    }
+
+    /// The estimate is a plain number, valid at every step: a panic elsewhere
+    /// does not make it unusable.
+    fn lock(&self) -> MutexGuard<'_, Estimate> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -56,22 +68,16 @@ fn decay(elapsed: Duration) -> f64 {
     (-(elapsed.as_nanos() as f64) / DECAY_NANOS).exp()
 }
 
-/// Estimate × (in flight + 1): what choosing this endpoint is expected to cost.
-fn cost(endpoint: &Endpoint, now: Instant) -> f64 {
-    let in_flight = f64::from(endpoint.in_flight.load(Ordering::Relaxed));
-    endpoint.rtt.at(now) * (in_flight + 1.0)
-}
-
-/// The cheaper of two endpoints drawn from the `admitted` that `filter` lets through.
-pub(super) fn pick(
-    endpoints: &[std::sync::Arc<Endpoint>],
-    filter: Filter,
+/// The cheaper of two of the `admitted` candidates drawn at random: `nth(k)` is the
+/// index of candidate `k`, `cost(i)` what choosing index `i` would cost.
+pub fn pick(
     admitted: usize,
     rng: &Rng,
-    now: Instant,
+    nth: impl Fn(usize) -> usize,
+    cost: impl Fn(usize) -> f64,
 ) -> usize {
     if admitted <= 1 {
-        return filter.nth(endpoints, 0);
+        return nth(0);
     }
     let n = admitted as u64;
     let first = rng.below(n) as usize;
@@ -79,8 +85,8 @@ pub(super) fn pick(
     if second >= first {
         second += 1;
     }
-    let (a, b) = (filter.nth(endpoints, first), filter.nth(endpoints, second));
-    if cost(&endpoints[b], now) < cost(&endpoints[a], now) {
+    let (a, b) = (nth(first), nth(second));
+    if cost(b) < cost(a) {
         b
     } else {
         a

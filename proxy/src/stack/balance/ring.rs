@@ -3,9 +3,7 @@
 //! after its hash, so one key keeps reaching one endpoint and an endpoint that
 //! leaves moves only its own keys.
 
-use super::{Endpoint, Filter};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 /// Ring positions at least (Envoy's minimum is 1024): shares of the key space
 /// then stay within a few % of even for up to ten endpoints.
@@ -22,25 +20,21 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
     xxh64(bytes)
 }
 
-/// The first endpoint the filter admits at or after `hash` on the ring, so only
-/// the keys of a skipped endpoint move, each to its ring successor.
-pub(super) fn pick(
-    ring: &[(u64, usize)],
-    endpoints: &[Arc<Endpoint>],
-    hash: u64,
-    filter: Filter,
-) -> usize {
+/// The first endpoint `admits` takes at or after `hash` on the ring (`(position,
+/// endpoint index)` sorted by position, not empty), so only the keys of a skipped
+/// endpoint move, each to its ring successor.
+pub fn pick(ring: &[(u64, usize)], hash: u64, admits: impl Fn(usize) -> bool) -> usize {
     let len = ring.len();
     let start = ring.partition_point(|&(position, _)| position < hash);
     (0..len)
         .map(|step| ring[(start + step) % len].1)
-        .find(|&i| filter.admits(&endpoints[i]))
+        .find(|&i| admits(i))
         .unwrap_or(ring[start % len].1)
 }
 
 /// Endpoints' virtual nodes hashed from address, port and replica number, so
 /// every proxy builds the same ring from the same endpoint set.
-pub(super) fn build(endpoints: &[SocketAddr]) -> Box<[(u64, usize)]> {
+pub fn build(endpoints: &[SocketAddr]) -> Box<[(u64, usize)]> {
     if endpoints.is_empty() {
         return Box::default();
     }
