@@ -17,33 +17,12 @@ use kube::{
 };
 use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
-use std::{
-    fmt::Debug,
-    future::Future,
-    time::{Duration, Instant},
-};
+use std::{fmt::Debug, time::Duration};
 use trellis_control_plane::crd::{ServerPolicy, TrafficPolicy};
-use trellis_tests::kube::{ApiServer, ControlPlane, Proxy};
-
-/// Polls `check` until it returns Ok (bounded by `limit`); panics with `what`
-/// and the last reason it gave otherwise.
-async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(reason) => assert!(
-                Instant::now() < deadline,
-                "{what}: not so after {limit:?}: {reason}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use trellis_tests::{
+    kube::{ApiServer, ControlPlane, Proxy},
+    wait::until,
+};
 
 /// Installs Trellis's CRDs (`crds_yaml()`) and the HTTPRoute CRD, and waits until
 /// each is Established.
