@@ -15,7 +15,15 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use std::{convert::Infallible, pin::Pin, time::Duration};
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -31,24 +39,59 @@ pub fn pattern(i: usize) -> u8 {
 }
 
 /// A running app; dropping it stops the accept loop.
-pub struct App(JoinHandle<()>);
+pub struct App {
+    task: JoinHandle<()>,
+    in_flight: Arc<AtomicUsize>,
+}
 
-impl Drop for App {
-    fn drop(&mut self) {
-        self.0.abort();
+impl App {
+    fn new(task: JoinHandle<()>) -> App {
+        App::counting(task, Arc::default())
+    }
+
+    fn counting(task: JoinHandle<()>, in_flight: Arc<AtomicUsize>) -> App {
+        App { task, in_flight }
+    }
+
+    /// Requests the app is handling right now (counted by [`http_app`]; 0 for the
+    /// others): what a test waits on to know its requests have arrived.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
     }
 }
 
-fn spawn_accept<F, Fut>(listener: TcpListener, serve: F) -> App
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn spawn_accept<F, Fut>(listener: TcpListener, serve: F) -> JoinHandle<()>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    App(tokio::spawn(async move {
+    tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(serve(stream));
         }
-    }))
+    })
+}
+
+/// Counts a request in flight until it is dropped (answered or abandoned).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// HTTP/1.1 and h2c on one port. Routes:
@@ -60,14 +103,28 @@ where
 ///
 /// Every response carries `x-app` (the name), `x-seen-host` (the Host or authority
 /// the app saw) and `x-seen-headers` (the request header names it got).
+/// [`App::in_flight`] counts the requests it is handling.
 pub fn http_app(listener: TcpListener, name: &'static str) -> App {
-    spawn_accept(listener, move |stream| async move {
-        let _ = stream.set_nodelay(true);
-        let service = hyper::service::service_fn(move |req| handle(name, req));
-        let _ = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .await;
-    })
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let count = in_flight.clone();
+    let task = spawn_accept(listener, move |stream| {
+        let count = count.clone();
+        async move {
+            let _ = stream.set_nodelay(true);
+            let service = hyper::service::service_fn(move |req| {
+                let guard = InFlight::start(&count);
+                async move {
+                    let response = handle(name, req).await;
+                    drop(guard);
+                    response
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        }
+    });
+    App::counting(task, in_flight)
 }
 
 async fn handle(
@@ -153,7 +210,7 @@ fn full(text: String) -> AppBody {
 /// seeded, so a run of sequential requests fails the same ones every time.
 pub fn failing_app(listener: TcpListener, name: &'static str, status: u16, percent: f64) -> App {
     let state = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0x5EED));
-    spawn_accept(listener, move |stream| {
+    App::new(spawn_accept(listener, move |stream| {
         let state = state.clone();
         async move {
             let _ = stream.set_nodelay(true);
@@ -177,12 +234,12 @@ pub fn failing_app(listener: TcpListener, name: &'static str, status: u16, perce
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         }
-    })
+    }))
 }
 
 /// Echoes every WebSocket message back.
 pub fn websocket_app(listener: TcpListener) -> App {
-    spawn_accept(listener, |stream| async move {
+    App::new(spawn_accept(listener, |stream| async move {
         let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
             return;
         };
@@ -194,25 +251,25 @@ pub fn websocket_app(listener: TcpListener) -> App {
                 break;
             }
         }
-    })
+    }))
 }
 
 /// Echoes bytes until the client closes.
 pub fn tcp_echo_app(listener: TcpListener) -> App {
-    spawn_accept(listener, |mut stream| async move {
+    App::new(spawn_accept(listener, |mut stream| async move {
         let (mut r, mut w) = stream.split();
         let _ = tokio::io::copy(&mut r, &mut w).await;
-    })
+    }))
 }
 
 /// Reads the start of a request, then resets the connection without answering.
 pub fn reset_app(listener: TcpListener) -> App {
-    spawn_accept(listener, |mut stream| async move {
+    App::new(spawn_accept(listener, |mut stream| async move {
         let mut buf = [0u8; 1024];
         let _ = stream.read(&mut buf).await;
         // Linger 0: close sends RST instead of FIN.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    })
+    }))
 }
 
 /// The greeting a server-first app sends as soon as a client connects.
@@ -220,7 +277,7 @@ pub const BANNER: &[u8] = b"220 trellis-test ready\r\n";
 
 /// Speaks first, like SMTP or MySQL: sends [`BANNER`], then echoes.
 pub fn banner_app(listener: TcpListener) -> App {
-    spawn_accept(listener, |mut stream| async move {
+    App::new(spawn_accept(listener, |mut stream| async move {
         if stream.write_all(BANNER).await.is_err() {
             return;
         }
@@ -230,7 +287,7 @@ pub fn banner_app(listener: TcpListener) -> App {
                 break;
             }
         }
-    })
+    }))
 }
 
 /// Echo service state: `Unary` with a message starting "flaky" fails every other
@@ -286,7 +343,7 @@ impl Echo for EchoService {
 
 /// The gRPC Echo service.
 pub fn grpc_app(listener: TcpListener) -> App {
-    App(tokio::spawn(async move {
+    App::new(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
             .add_service(EchoServer::new(EchoService::default()))

@@ -1,12 +1,12 @@
 //! A control plane in local mode, running in a pod of its own, serving a directory
 //! the test writes; sidecars in other pods connect to it.
 
-use crate::{http::get, netns::Pod, sidecar::control_plane_bin, TempDir};
+use crate::{http::get, netns::Pod, sidecar::control_plane_bin, wait, TempDir};
 use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 pub const GRPC_PORT: u16 = 15010;
@@ -93,22 +93,30 @@ impl ControlPlane {
             .spawn()
             .expect("spawn trellis-control-plane");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok((status, _, _)) = get(&self.pod, self.admin(), "/ready").await {
-                if status == 200 {
-                    return;
-                }
-            }
+        let (pod, admin) = (self.pod.clone(), self.admin());
+        let limit = Duration::from_secs(20);
+        let ready = wait::poll(limit, || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("control plane exited ({status}):\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "control plane not ready:\n{}",
+            let pod = pod.clone();
+            async move {
+                match get(&pod, admin, "/ready").await {
+                    Ok((status, _, _)) if status == 200 => Ok(()),
+                    Ok((status, _, body)) => Err(format!(
+                        "/ready answers {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        if let Err(reason) = ready {
+            panic!(
+                "control plane not ready after {limit:?} ({reason}):\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

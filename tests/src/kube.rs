@@ -6,10 +6,14 @@
 //! The API server listens on fixed ports, so only one may run at a time: an
 //! [`ApiServer`] holds a process-wide lock for as long as it lives, and tests that
 //! start one run one after another.
+//!
+//! The operator's own clients, `kubectl` and `helm`, are real static builds that
+//! `scripts/setup` installs into `~/.cache/trellis/bin` ([`tool`]); a test runs
+//! them against the API server with the kubeconfig it wrote ([`ApiServer::kubectl`]).
 
 use crate::{
     sidecar::{control_plane_bin, proxy_bin},
-    TempDir,
+    wait, TempDir,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -18,7 +22,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -34,10 +38,39 @@ pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kube")
 }
 
+/// What `install.sh` writes to `bin/BUILD` for the build it makes (its `BUILD`):
+/// an older build lacks a fix the tests rely on.
+pub const APISERVER_BUILD: &str = "v1.20.2 reflect2-1.0.2 zero-values-not-null";
+
 /// Where `install.sh` puts kube-apiserver and etcd.
 pub fn install_dir() -> PathBuf {
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".cache/trellis/kube-1.20")
+}
+
+/// Where `scripts/setup` installs `kubectl` and `helm` (`TRELLIS_TOOLS_DIR`, as
+/// the script reads it, else `~/.cache/trellis/bin`).
+pub fn tools_dir() -> PathBuf {
+    match std::env::var_os("TRELLIS_TOOLS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/trellis/bin")
+        }
+    }
+}
+
+/// The operator tool `name` (`kubectl`, `helm`) that `scripts/setup` installed;
+/// panics saying to run it when the tool is missing. Tests never download it.
+pub fn tool(name: &str) -> PathBuf {
+    let path = tools_dir().join(name);
+    assert!(
+        path.is_file(),
+        "no {name} at {}: run scripts/setup first (scripts/test does), which installs \
+         kubectl and helm there",
+        path.display()
+    );
+    path
 }
 
 /// A running etcd + kube-apiserver with fresh state; dropping it stops both.
@@ -85,6 +118,14 @@ impl ApiServer {
             "no kube-apiserver/etcd in {}: run tests/kube/install.sh first (scripts/test does)",
             bin.display()
         );
+        let build = std::fs::read_to_string(bin.join("BUILD")).unwrap_or_default();
+        assert_eq!(
+            build.trim(),
+            APISERVER_BUILD,
+            "the kube-apiserver in {} is an older build: run tests/kube/install.sh again \
+             (scripts/test does) to rebuild it",
+            bin.display()
+        );
         for port in [APISERVER_PORT, ETCD_PORT, ETCD_PORT + 1] {
             assert!(
                 TcpListener::bind(("127.0.0.1", port)).is_ok(),
@@ -123,17 +164,15 @@ impl ApiServer {
         let client = client_for(&kubeconfig).await;
         // start.sh stops waiting for /readyz after 60 s without failing: prove the
         // server answers.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match client.apiserver_version().await {
-                Ok(_) => break,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "the Kubernetes API server does not answer: {e}\napiserver log (tail):\n{}",
-                    started.log()
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let answered = wait::poll(Duration::from_secs(30), || async {
+            client.apiserver_version().await.map_err(|e| e.to_string())
+        })
+        .await;
+        if let Err(e) = answered {
+            panic!(
+                "the Kubernetes API server does not answer: {e}\napiserver log (tail):\n{}",
+                started.log()
+            );
         }
         ApiServer {
             client,
@@ -151,6 +190,40 @@ impl ApiServer {
     /// The last lines of the API server's log.
     pub fn log(&self) -> String {
         self.started.log()
+    }
+
+    /// Runs the real `kubectl` ([`tool`]) with `args` against this server, through
+    /// the kubeconfig it wrote, with `stdin` as its standard input; bounded (60 s).
+    pub async fn kubectl(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use tokio::io::AsyncWriteExt;
+        let mut command = tokio::process::Command::new(tool("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            // No cache of discovery or OpenAPI outside this run's directory.
+            .env("KUBECACHEDIR", self.dir().join("kubectl-cache"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("run kubectl {args:?}: {e}"));
+        let mut input = child.stdin.take().expect("kubectl's stdin is piped");
+        let stdin = stdin.to_owned();
+        let writer = tokio::spawn(async move {
+            let _ = input.write_all(stdin.as_bytes()).await;
+        });
+        let output = wait::within(
+            Duration::from_secs(60),
+            &format!("kubectl {args:?}"),
+            child.wait_with_output(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"));
+        let _ = writer.await;
+        output
     }
 }
 
@@ -227,19 +300,26 @@ impl Process {
 
     /// Waits (bounded) until `GET /ready` on `admin` answers 200.
     async fn wait_ready(&mut self, admin: SocketAddr, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok((200, _)) = get(admin, "/ready").await {
-                return;
-            }
+        let ready = wait::poll(limit, || {
             self.check_running();
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready after {limit:?}:\n{}",
+            async move {
+                match get(admin, "/ready").await {
+                    Ok((200, _)) => Ok(()),
+                    Ok((status, body)) => Err(format!(
+                        "/ready answers {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        if let Err(reason) = ready {
+            panic!(
+                "{} not ready after {limit:?} ({reason}):\n{}",
                 self.name,
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -2,7 +2,8 @@
 //! sidecars written by `trellis-proxy init` and run as uid 1337 ([`sidecar`]), the
 //! applications that run in the pods ([`apps`]) and clients that know nothing of the
 //! mesh ([`http`], [`grpc`]); a real Kubernetes API server with the control plane
-//! and a proxy as processes beside it ([`kube`]).
+//! and a proxy as processes beside it ([`kube`]). Tests wait for events, never for
+//! a fixed time ([`wait`]).
 
 pub mod apps;
 pub mod control_plane;
@@ -14,6 +15,7 @@ pub mod mesh;
 pub mod netns;
 pub mod prom;
 pub mod sidecar;
+pub mod wait;
 
 /// The generated test gRPC service (`proto/echo.proto`).
 pub mod proto {

@@ -27,7 +27,8 @@ pub const BROKEN: u16 = 8083;
 pub struct Mesh {
     pub client: Sidecar,
     pub server: Sidecar,
-    _apps: Vec<App>,
+    /// The server pod's apps, by port.
+    apps: Vec<(u16, App)>,
     pub net: Network,
 }
 
@@ -56,16 +57,31 @@ impl Mesh {
         let net = Network::new(2);
         let server_pod = net.pod(1).clone();
         let apps = vec![
-            apps::http_app(server_pod.listen(HTTP), "server"),
-            apps::http_app(server_pod.listen(HTTP + 1), "server-b"),
-            apps::grpc_app(server_pod.listen(GRPC)),
-            apps::websocket_app(server_pod.listen(WS)),
-            apps::tcp_echo_app(server_pod.listen(ECHO)),
-            apps::banner_app(server_pod.listen(BANNER_OPAQUE)),
-            apps::banner_app(server_pod.listen(BANNER_DETECTED)),
-            apps::reset_app(server_pod.listen(RESET)),
-            apps::failing_app(server_pod.listen(FLAKY), "flaky", 503, 30.0),
-            apps::failing_app(server_pod.listen(BROKEN), "broken", 500, 100.0),
+            (HTTP, apps::http_app(server_pod.listen(HTTP), "server")),
+            (
+                HTTP + 1,
+                apps::http_app(server_pod.listen(HTTP + 1), "server-b"),
+            ),
+            (GRPC, apps::grpc_app(server_pod.listen(GRPC))),
+            (WS, apps::websocket_app(server_pod.listen(WS))),
+            (ECHO, apps::tcp_echo_app(server_pod.listen(ECHO))),
+            (
+                BANNER_OPAQUE,
+                apps::banner_app(server_pod.listen(BANNER_OPAQUE)),
+            ),
+            (
+                BANNER_DETECTED,
+                apps::banner_app(server_pod.listen(BANNER_DETECTED)),
+            ),
+            (RESET, apps::reset_app(server_pod.listen(RESET))),
+            (
+                FLAKY,
+                apps::failing_app(server_pod.listen(FLAKY), "flaky", 503, 30.0),
+            ),
+            (
+                BROKEN,
+                apps::failing_app(server_pod.listen(BROKEN), "broken", 500, 100.0),
+            ),
         ];
         let server = Sidecar::start(
             &server_pod,
@@ -88,9 +104,18 @@ impl Mesh {
         Mesh {
             client,
             server,
-            _apps: apps,
+            apps,
             net,
         }
+    }
+
+    /// The server pod's app on `port`.
+    pub fn app(&self, port: u16) -> &App {
+        self.apps
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, app)| app)
+            .unwrap_or_else(|| panic!("no app on port {port} in the server pod"))
     }
 
     pub fn client_pod(&self) -> &Pod {

@@ -1,4 +1,5 @@
-//! Reads Prometheus text exposition, enough to check what a proxy counted.
+//! Reads Prometheus text exposition, enough to check what a proxy counted, and
+//! has Prometheus's own linter judge it ([`promtool_check`]).
 
 /// A sample's labels, in the order the exporter wrote them.
 pub type Labels = Vec<(String, String)>;
@@ -53,6 +54,45 @@ impl Metrics {
     }
 }
 
+/// What `promtool check metrics` (Prometheus's linter for the text format, from
+/// Debian's `prometheus` package, which `scripts/setup` installs) says of
+/// `exposition`: `Ok` when it exits 0 and prints nothing, else everything it
+/// printed.
+pub fn promtool_check(exposition: &str) -> Result<(), String> {
+    use std::{
+        io::Write,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): run scripts/setup first (scripts/test does)")
+        });
+    let mut stdin = child.stdin.take().expect("promtool's stdin is piped");
+    stdin
+        .write_all(exposition.as_bytes())
+        .expect("write to promtool");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "promtool check metrics ({}):\n{said}",
+            output.status
+        ))
+    }
+}
+
 fn parse_labels(text: &str) -> Labels {
     let mut labels = Vec::new();
     let mut rest = text;
@@ -80,5 +120,14 @@ mod tests {
         assert_eq!(m.sum("x", &[]), 17.0);
         assert_eq!(m.sum("y", &[]), 1.0);
         assert_eq!(m.sum("x", &[("b", "9")]), 0.0);
+    }
+
+    #[test]
+    fn promtool_passes_described_metrics_and_names_undescribed_ones() {
+        let described = "# HELP x_total Things.\n# TYPE x_total counter\nx_total 1\n";
+        assert_eq!(promtool_check(described), Ok(()));
+        let bare = "# TYPE x_total counter\nx_total 1\n";
+        let said = promtool_check(bare).unwrap_err();
+        assert!(said.contains("x_total no help text"), "{said}");
     }
 }

@@ -1,13 +1,13 @@
 //! A Trellis sidecar in a pod: `trellis-proxy init` writes the pod's iptables rules,
 //! then `trellis-proxy run` starts as uid 1337, as the injector will arrange.
 
-use crate::{http::get, netns::Pod, prom::Metrics, TempDir};
+use crate::{http::get, netns::Pod, prom::Metrics, wait, TempDir};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, ExitStatus, Stdio},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 pub const PROXY_UID: &str = "1337";
@@ -138,25 +138,33 @@ impl Sidecar {
     }
 
     async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let limit = Duration::from_secs(20);
+        let pod = self.pod.clone();
+        let ready = wait::poll(limit, || {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "trellis-proxy exited before it was ready ({status}):\n{}",
                     self.log()
                 );
             }
-            if let Ok((status, _, _)) = get(&self.pod, admin(), "/ready").await {
-                if status == 200 {
-                    return;
+            let pod = pod.clone();
+            async move {
+                match get(&pod, admin(), "/ready").await {
+                    Ok((status, _, _)) if status == 200 => Ok(()),
+                    Ok((status, _, body)) => Err(format!(
+                        "/ready answers {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "trellis-proxy not ready after 20 s:\n{}",
+        })
+        .await;
+        if let Err(reason) = ready {
+            panic!(
+                "trellis-proxy not ready after {limit:?} ({reason}):\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -192,18 +200,17 @@ impl Sidecar {
 
     /// Waits (bounded) for the proxy to exit and returns how it exited.
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let exited = wait::poll(limit, || {
+            let status = self.child.try_wait().expect("try_wait");
+            std::future::ready(status.ok_or_else(|| "still running".to_owned()))
+        })
+        .await;
+        exited.unwrap_or_else(|_| {
+            panic!(
                 "trellis-proxy still running {limit:?} after shutdown:\n{}",
                 self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            )
+        })
     }
 }
 

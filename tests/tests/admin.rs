@@ -2,8 +2,11 @@
 
 use std::net::SocketAddr;
 use trellis_tests::{
+    apps,
+    control_plane::ControlPlane,
     http::{get, get_with_host},
     netns::Network,
+    prom::{promtool_check, Metrics},
     sidecar::{admin, proxy_bin, Options, Sidecar},
     TempDir,
 };
@@ -145,4 +148,75 @@ async fn with_a_control_plane_the_proxy_is_not_ready_until_its_first_config() {
         "{}",
         answer.1
     );
+}
+
+#[tokio::test]
+async fn both_admin_ports_serve_metrics_that_promtool_accepts() {
+    // A control plane in local mode (pod 1, beside the app) and a proxy it feeds
+    // (pod 0); a few calls so that request counters and histograms exist.
+    let net = Network::new(2);
+    let (client, server) = (net.pod(0), net.pod(1));
+    let _app = apps::http_app(server.listen(8080), "web");
+    let mesh = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{clusterIP: 198.19.0.30, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints: [{{addresses: [{}]}}]
+ports: [{{name: http, port: 8080}}]
+",
+        server.ip
+    );
+    let cp = ControlPlane::start(server, &[("web.yaml", &mesh)]).await;
+    let url = cp.url();
+    let sidecar = Sidecar::start(
+        client,
+        Options {
+            run_args: &["--control-plane", &url, "--pod-namespace", "shop"],
+            ..Default::default()
+        },
+    )
+    .await;
+    let web: SocketAddr = "198.19.0.30:80".parse().unwrap();
+    for path in ["/", "/status/503", "/"] {
+        get_with_host(client, web, path, "web.shop").await.unwrap();
+    }
+
+    let (status, _, proxy) = get(client, admin(), "/metrics").await.unwrap();
+    assert_eq!(status, 200, "proxy /metrics");
+    let proxy = String::from_utf8_lossy(&proxy).into_owned();
+    let (status, _, control_plane) = get(server, cp.admin(), "/metrics").await.unwrap();
+    assert_eq!(status, 200, "control plane /metrics");
+    let control_plane = String::from_utf8_lossy(&control_plane).into_owned();
+    // Something to judge on each side.
+    assert_eq!(
+        Metrics::parse(&proxy).sum("trellis_requests_total", &[("service", "web.shop:80")]),
+        3.0,
+        "{proxy}\n{}",
+        sidecar.log()
+    );
+    assert!(
+        Metrics::parse(&control_plane).sum("trellis_cp_pushes_total", &[]) >= 1.0,
+        "{control_plane}"
+    );
+
+    let verdicts = [
+        ("the proxy's", promtool_check(&proxy)),
+        ("the control plane's", promtool_check(&control_plane)),
+    ];
+    let problems: Vec<String> = verdicts
+        .iter()
+        .filter_map(|(whose, verdict)| {
+            verdict
+                .as_ref()
+                .err()
+                .map(|said| format!("{whose} /metrics: {said}"))
+        })
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

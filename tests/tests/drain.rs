@@ -4,12 +4,13 @@
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_tests::{
-    http::{collect, get, h2_client, send_h1},
+    http::{collect, get, h2_client, send_h1, send_h2},
     mesh::{Mesh, ECHO, HTTP},
     sidecar::admin,
+    wait::{until, within},
 };
 
 #[tokio::test]
@@ -18,6 +19,8 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let addr = mesh.server_addr(HTTP);
     let pod = mesh.client_pod().clone();
 
+    // Each request takes 1.5 s at the app: long enough to be in flight at both
+    // sidecars when they are told to stop.
     let mut in_flight = Vec::new();
     for _ in 0..4 {
         let pod = pod.clone();
@@ -29,7 +32,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
             let (status, headers, body) = collect(send_h1(&pod, addr, req).await.unwrap())
                 .await
                 .unwrap();
-            (status, headers.get("connection").cloned(), body)
+            (http::Version::HTTP_11, status, headers, body)
         }));
     }
     let h2 = h2_client(&pod, addr).await.unwrap();
@@ -40,23 +43,41 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
                 .version(http::Version::HTTP_2)
                 .body(Full::new(Bytes::new()))
                 .unwrap();
-            let (status, _, body) = collect(h2.send_request(req).await.unwrap()).await.unwrap();
-            (status, None, body)
+            let (status, headers, body) =
+                collect(send_h2(&mut h2, req).await.unwrap()).await.unwrap();
+            (http::Version::HTTP_2, status, headers, body)
         }));
     }
-    // Let every request reach the app, then stop both sidecars.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every request has crossed both sidecars and reached the app: stop both.
+    let app = mesh.app(HTTP);
+    until(
+        Duration::from_secs(10),
+        "all 8 requests at the app",
+        || async {
+            match app.in_flight() {
+                8 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        },
+    )
+    .await;
     mesh.client.terminate();
     mesh.server.terminate();
 
     for request in in_flight {
-        let (status, connection, body) = request.await.unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(body, "slow done");
-        if let Some(connection) = connection {
+        let (version, status, headers, body) = request.await.unwrap();
+        assert_eq!(
+            (status.as_u16(), &body[..]),
+            (200, &b"slow done"[..]),
+            "{version:?}"
+        );
+        if version == http::Version::HTTP_11 {
+            // The client sidecar answers on its own connection with the client:
+            // during a drain it says that connection is done.
             assert_eq!(
-                connection, "close",
-                "HTTP/1 responses during drain close the connection"
+                headers.get("connection").map(|v| v.as_bytes()),
+                Some(&b"close"[..]),
+                "HTTP/1 responses during drain close the connection: {headers:?}"
             );
         }
     }
@@ -104,16 +125,40 @@ async fn an_open_opaque_connection_holds_the_drain_only_until_its_timeout() {
         .connect(mesh.server_addr(ECHO))
         .await
         .unwrap();
+    // The echo proves the connection is open through both sidecars.
     stream.write_all(b"hold").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let start = std::time::Instant::now();
+    let mut echoed = [0u8; 4];
+    within(
+        Duration::from_secs(10),
+        "the echo through both sidecars",
+        stream.read_exact(&mut echoed),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&echoed, b"hold");
+    let start = Instant::now();
     mesh.client.terminate();
+    // Opaque bytes carry no signal to stop, so the drain waits for the
+    // connection, up to the drain timeout (never less), then exits 0.
     assert_eq!(
-        mesh.client.wait_exit(Duration::from_secs(5)).await.code(),
+        mesh.client.wait_exit(Duration::from_secs(10)).await.code(),
         Some(0)
     );
     assert!(
-        start.elapsed() >= Duration::from_millis(400),
-        "exited before the drain timeout"
+        start.elapsed() >= Duration::from_millis(500),
+        "exited {:?} after SIGTERM, before the 500 ms drain timeout",
+        start.elapsed()
+    );
+    // The connection went with the proxy.
+    let mut rest = Vec::new();
+    let read = within(
+        Duration::from_secs(10),
+        "the held connection to close",
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "{read:?}: {rest:?} after the proxy exited"
     );
 }

@@ -8,39 +8,17 @@
 //! take turns ([`ONE_AT_A_TIME`]) so that two of them never race for one.
 
 use serde_json::{json, Value};
-use std::{
-    future::Future,
-    time::{Duration, Instant},
-};
+use std::{future::Future, time::Duration};
 use tokio::sync::Mutex;
 use trellis_tests::{
     fake_apiserver::{FakeApiServer, Kind},
     kube::{ControlPlane, Proxy},
+    wait::until,
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 const AUTHORITY: &str = "reviews.shop:80";
-
-/// Polls `check` until it returns Ok (bounded by `limit`); panics with `what`
-/// and the last reason it gave otherwise.
-async fn until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(reason) => assert!(
-                Instant::now() < deadline,
-                "{what}: not so after {limit:?}: {reason}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn service() -> Value {
     json!({

@@ -14,6 +14,7 @@ use trellis_tests::{
     http::{collect, send_h1},
     netns::{Network, Pod},
     sidecar::{Options, Sidecar},
+    wait::until,
 };
 
 const REQUESTS: usize = 200;
@@ -116,31 +117,29 @@ async fn main() {
     );
     // Wait (bounded) until both sidecars acknowledged a newer version.
     let before = cp.admin_json("/proxies").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = cp.admin_json("/proxies").await;
-        let acked: Vec<_> = now["proxies"]
+    let acked_versions = |proxies: &serde_json::Value| -> Vec<serde_json::Value> {
+        proxies["proxies"]
             .as_array()
             .into_iter()
             .flatten()
             .map(|p| p["ackedVersion"].clone())
-            .collect();
-        let old: Vec<_> = before["proxies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| p["ackedVersion"].clone())
-            .collect();
-        if acked.len() == 2 && acked.iter().all(|v| !old.contains(v)) {
-            println!("both sidecars acknowledged version {}", acked[0]);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sidecars never acknowledged the change: {now}"
-        );
-    }
+            .collect()
+    };
+    let old = acked_versions(&before);
+    let acked = until(
+        Duration::from_secs(15),
+        "both sidecars acknowledged the change",
+        || async {
+            let now = cp.admin_json("/proxies").await;
+            let acked = acked_versions(&now);
+            match acked.len() == 2 && acked.iter().all(|v| !old.contains(v)) {
+                true => Ok(acked),
+                false => Err(format!("{now}")),
+            }
+        },
+    )
+    .await;
+    println!("both sidecars acknowledged version {}", acked[0]);
     println!("frontend calls reviews {REQUESTS} times again:");
     show(&traffic(frontend).await);
 
