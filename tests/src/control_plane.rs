@@ -1,7 +1,12 @@
 //! A control plane in local mode, running in a pod of its own, serving a directory
 //! the test writes; sidecars in other pods connect to it.
 
-use crate::{http::get, netns::Pod, sidecar::control_plane_bin, wait, TempDir};
+use crate::{
+    http::get,
+    netns::Pod,
+    sidecar::{control_plane_bin, Options, Sidecar},
+    wait, TempDir,
+};
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -37,6 +42,31 @@ impl ControlPlane {
         };
         cp.restart().await;
         cp
+    }
+
+    /// A sidecar in `pod`, named `name` in namespace `shop`, taking its config from
+    /// this control plane.
+    pub async fn sidecar(&self, pod: &Pod, name: &str) -> Sidecar {
+        let url = self.url();
+        let ip = pod.ip.to_string();
+        let args = [
+            "--control-plane",
+            url.as_str(),
+            "--pod-name",
+            name,
+            "--pod-namespace",
+            "shop",
+            "--pod-ip",
+            ip.as_str(),
+        ];
+        Sidecar::start(
+            pod,
+            Options {
+                run_args: &args,
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     /// The URL sidecars are given.

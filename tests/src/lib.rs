@@ -11,6 +11,7 @@ pub mod fake_apiserver;
 pub mod grpc;
 pub mod http;
 pub mod kube;
+pub mod kube_api;
 pub mod mesh;
 pub mod netns;
 pub mod prom;

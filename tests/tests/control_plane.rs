@@ -10,8 +10,8 @@ use trellis_tests::{
     apps::{self, App},
     control_plane::ControlPlane,
     http::{collect, send_h1},
-    netns::{Network, Pod},
-    sidecar::{Options, Sidecar},
+    netns::Network,
+    sidecar::Sidecar,
     wait::{self, until, within},
 };
 
@@ -97,29 +97,6 @@ struct CpMesh {
     net: Network,
 }
 
-async fn sidecar(pod: &Pod, cp: &ControlPlane, name: &str) -> Sidecar {
-    let url = cp.url();
-    let ip = pod.ip.to_string();
-    let args = [
-        "--control-plane",
-        url.as_str(),
-        "--pod-name",
-        name,
-        "--pod-namespace",
-        "shop",
-        "--pod-ip",
-        ip.as_str(),
-    ];
-    Sidecar::start(
-        pod,
-        Options {
-            run_args: &args,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 impl CpMesh {
     async fn start(files: &[(&str, &str)]) -> CpMesh {
         let net = Network::new(3);
@@ -130,8 +107,8 @@ impl CpMesh {
             apps::failing_app(server_pod.listen(8082), "ratings", 503, 30.0),
         ];
         let cp = ControlPlane::start(net.pod(2), files).await;
-        let server = sidecar(&server_pod, &cp, "server").await;
-        let client = sidecar(net.pod(0), &cp, "client").await;
+        let server = cp.sidecar(&server_pod, "server").await;
+        let client = cp.sidecar(net.pod(0), "client").await;
         CpMesh {
             client,
             server,

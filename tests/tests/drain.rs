@@ -2,13 +2,15 @@
 //! flight finish, and exits 0 within the drain time.
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::Full;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 use trellis_tests::{
     http::{collect, get, h2_client, send_h1, send_h2},
-    mesh::{Mesh, ECHO, HTTP},
+    mesh::{Mesh, ECHO, HTTP, WS},
     sidecar::admin,
     wait::{until, within},
 };
@@ -161,4 +163,39 @@ async fn an_open_opaque_connection_holds_the_drain_only_until_its_timeout() {
         read.is_err() || rest.is_empty(),
         "{read:?}: {rest:?} after the proxy exited"
     );
+}
+
+#[tokio::test]
+async fn an_open_websocket_holds_the_drain_until_it_closes() {
+    let mut mesh = Mesh::start(&["--drain-timeout", "60s"], &[]).await;
+    let addr = mesh.server_addr(WS);
+    let stream = mesh.client_pod().connect(addr).await.unwrap();
+    let limit = Duration::from_secs(30);
+    let (mut ws, response) = within(
+        limit,
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async(format!("ws://{addr}/chat"), stream),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    for text in ["before", "after SIGTERM", "and again"] {
+        if text == "after SIGTERM" {
+            // Told to stop, the client's sidecar keeps the upgraded stream, as it
+            // keeps an opaque connection: it has no way to ask the peers to finish.
+            mesh.client.terminate();
+        }
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = within(limit, "the echo", ws.next()).await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+
+    // Once the WebSocket closes there is nothing left to wait for: the proxy exits
+    // 0, long before its 60 s drain timeout.
+    within(limit, "the close", ws.close(None)).await.unwrap();
+    while let Some(Ok(frame)) = within(limit, "the server's close", ws.next()).await {
+        assert!(frame.is_close(), "{frame:?} after the close");
+    }
+    drop(ws);
+    assert_eq!(mesh.client.wait_exit(limit).await.code(), Some(0));
 }
