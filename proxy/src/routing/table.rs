@@ -16,13 +16,7 @@
 use super::router::Router;
 use crate::{
     metrics::RATELIMITED_TOTAL,
-    stack::{
-        self,
-        backend::{Backend, Destination},
-        rate_limit::RateLimit,
-        stage::Stack,
-        Resources, RouteLabels,
-    },
+    stack::{self, backend::Backend, rate_limit::RateLimit, stage::Stack, RouteLabels},
     upstream::pool::Pool,
 };
 use arc_swap::ArcSwap;
@@ -129,27 +123,20 @@ impl RouteTable {
     /// Compiles a validated config from nothing; `pool` carries every route's
     /// upstream requests.
     pub fn new(config: Config, pool: &Arc<Pool>) -> Result<RouteTable, String> {
-        RouteTable::build(config, pool, None, None)
+        RouteTable::build(config, pool, None)
     }
 
     /// Compiles `config` as a change to this table, keeping the state of whatever
     /// it leaves as it was. On error nothing of this table has changed.
     pub fn next(&self, config: Config, pool: &Arc<Pool>) -> Result<RouteTable, String> {
-        RouteTable::build(config, pool, Some(self), None)
-    }
-
-    /// [`RouteTable::new`] with every random draw seeded, for repeatable tests.
-    pub fn seeded(config: Config, pool: &Arc<Pool>, seed: u64) -> Result<RouteTable, String> {
-        RouteTable::build(config, pool, None, Some(seed))
+        RouteTable::build(config, pool, Some(self))
     }
 
     fn build(
         config: Config,
         pool: &Arc<Pool>,
         previous: Option<&RouteTable>,
-        seed: Option<u64>,
     ) -> Result<RouteTable, String> {
-        let ctx = Resources { pool, seed };
         // Destinations first: routes send to them. Replacements are only staged
         // here and put in place once nothing can fail any more.
         let mut backends = HashMap::with_capacity(config.services.len());
@@ -164,29 +151,38 @@ impl RouteTable {
                     let current = backend.current();
                     if current.policy != policy || !current.balancer.serves(&endpoints) {
                         let next =
-                            stack::destination(&ctx, &label, policy, &endpoints, Some(&current));
+                            stack::destination(pool, &label, policy, &endpoints, Some(&current));
                         replacements.push((backend.clone(), next));
                     }
                     backend.clone()
                 }
                 None => {
-                    let destination = stack::destination(&ctx, &label, policy, &endpoints, None);
+                    let destination = stack::destination(pool, &label, policy, &endpoints, None);
                     Arc::new(Backend::new(label.clone(), destination))
                 }
             };
             backends.insert(label, backend);
         }
-        // What each destination will be once the replacements are in.
-        let policy_of = |label: &Arc<str>| -> Option<Policy> {
-            replacements
-                .iter()
-                .find(|(b, _)| &b.label == label)
-                .map(|(_, d): &(Arc<Backend>, Destination)| d.policy.clone())
-                .or_else(|| backends.get(label).map(|b| b.current().policy.clone()))
+        // What a route needs of each destination it sends to, as the destination
+        // will be once the replacements are in: its `maxRetries`, and whether it
+        // hashes on the client's address.
+        let needs_of = |backend: &Arc<Backend>| -> (Option<u32>, bool) {
+            let of = |policy: &Policy| {
+                let retries = policy.connection_pool.as_ref().map(|p| p.max_retries.0);
+                let hash_on = policy
+                    .load_balancer
+                    .as_ref()
+                    .and_then(|lb| lb.hash_on.as_ref());
+                (retries, hash_on.is_some_and(|h| h.source_ip))
+            };
+            match replacements.iter().find(|(b, _)| Arc::ptr_eq(b, backend)) {
+                Some((_, destination)) => of(&destination.policy),
+                None => of(&backend.current().policy),
+            }
         };
 
         let mut targets = HashMap::with_capacity(config.services.len());
-        for (position, service) in config.services.iter().enumerate() {
+        for service in &config.services {
             let label: Arc<str> = service.authority().into();
             let calls = calls_of(service);
             let old = previous.and_then(|p| p.targets.get(&label));
@@ -204,40 +200,26 @@ impl RouteTable {
                     };
                     weighted.push((target.clone(), backend.1));
                 }
-                let destinations: Vec<Policy> = weighted
-                    .iter()
-                    .filter_map(|(b, _)| policy_of(&b.label))
-                    .collect();
+                let needs: Vec<(Option<u32>, bool)> =
+                    weighted.iter().map(|(b, _)| needs_of(b)).collect();
                 let built = Built {
                     route: route.clone(),
                     policy: service.policy.call_sections().overridden_by(&route.policy),
-                    backends: weighted.clone(),
-                    max_retries: destinations
-                        .iter()
-                        .filter_map(|p| p.connection_pool.as_ref())
-                        .map(|p| p.max_retries.0)
-                        .min()
-                        .unwrap_or(u32::MAX),
-                    needs_client_addr: destinations.iter().any(|p| {
-                        p.load_balancer
-                            .as_ref()
-                            .and_then(|lb| lb.hash_on.as_ref())
-                            .is_some_and(|h| h.source_ip)
-                    }),
+                    max_retries: needs.iter().filter_map(|n| n.0).min().unwrap_or(u32::MAX),
+                    needs_client_addr: needs.iter().any(|n| n.1),
+                    backends: weighted,
                 };
                 let same = old.and_then(|t| t.routes.iter().find(|p| p.built == built));
                 plans.push(match same {
                     Some(plan) => plan.clone(),
                     None => Arc::new(RoutePlan {
                         stack: stack::route(
-                            &ctx,
                             &built.policy,
                             &built.backends,
                             built.max_retries,
                             &RouteLabels {
                                 service: &label,
                                 route: &name,
-                                index: position * 1000 + i,
                             },
                         ),
                         name,

@@ -44,41 +44,21 @@ use std::{net::SocketAddr, sync::Arc};
 use timeout::Timeout;
 use trellis_proto::model::policy::Policy;
 
-/// Everything a stack needs that lives outside its config.
-pub struct Resources<'a> {
-    pub pool: &'a Arc<Pool>,
-    /// Seeds every random draw, so a test run repeats; `None` in production.
-    pub seed: Option<u64>,
-}
-
-impl Resources<'_> {
-    fn rng(&self, salt: u64) -> Rng {
-        match self.seed {
-            Some(seed) => Rng::with_seed(seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            None => Rng::from_entropy(),
-        }
-    }
-}
-
 /// The metric labels of a route: its service and its name.
 pub struct RouteLabels<'a> {
     pub service: &'a Arc<str>,
     pub route: &'a Arc<str>,
-    /// Salts the route's random draws (its position in the config).
-    pub index: usize,
 }
 
 /// One route's stack, outermost first. `policy` is the route's effective call
 /// policy, `backends` its destinations with their weights, and `max_retries` the
 /// retries its destinations allow in flight at once.
 pub fn route(
-    ctx: &Resources<'_>,
     policy: &Policy,
     backends: &[(Arc<Backend>, u32)],
     max_retries: u32,
     labels: &RouteLabels<'_>,
 ) -> Stack {
-    let salt = labels.index as u64 + 1;
     let counter = |name: &'static str, extra: Option<(&'static str, &'static str)>| {
         let mut all = vec![
             ("service", labels.service.to_string()),
@@ -92,7 +72,7 @@ pub fn route(
     if let Some(fault) = &policy.fault {
         stages.push(Box::new(FaultInjector::new(
             fault,
-            ctx.rng(salt * 15_485_863),
+            Rng::from_entropy(),
             counter(FAULTS_INJECTED_TOTAL, Some(("kind", "delay"))),
             counter(FAULTS_INJECTED_TOTAL, Some(("kind", "abort"))),
         )));
@@ -110,7 +90,7 @@ pub fn route(
             budget_exhausted: counter(crate::metrics::RETRY_BUDGET_EXHAUSTED_TOTAL, None),
             overflow: counter(crate::metrics::RETRY_OVERFLOW_TOTAL, None),
         };
-        let rng = ctx.rng(salt * 104_729);
+        let rng = Rng::from_entropy();
         stages.push(Box::new(Retry::new(retry, max_retries, rng, counters)));
     }
     if let Some(per_try) = timeouts.per_try {
@@ -123,17 +103,17 @@ pub fn route(
                 .iter()
                 .map(|(backend, weight)| (Box::new(backend.clone()) as Box<dyn Stage>, *weight))
                 .collect();
-            Box::new(Split::new(weighted, ctx.rng(salt * 7919)))
+            Box::new(Split::new(weighted, Rng::from_entropy()))
         }
     });
     Stack::new(stages)
 }
 
-/// One destination under a new config version. From `previous` with the same
+/// One destination under a new config version, its requests sent on `pool`. From `previous` with the same
 /// destination sections it keeps the breaker's counts, the connection limit and
 /// every remaining endpoint's state; a changed policy starts afresh.
 pub fn destination(
-    ctx: &Resources<'_>,
+    pool: &Arc<Pool>,
     label: &Arc<str>,
     policy: Policy,
     endpoints: &[SocketAddr],
@@ -151,20 +131,17 @@ pub fn destination(
             },
         ),
         None => {
-            let pool = policy.connection_pool.as_ref();
+            let limits = policy.connection_pool.as_ref();
             let lb = policy.load_balancer.clone().unwrap_or_default();
-            let salt = label
-                .bytes()
-                .fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b));
             (
-                pool.map(|limits| Arc::new(Breaker::new(limits, label.clone()))),
-                pool.map(|p| Arc::new(ConnectionLimit::new(p.max_connections.0, label.clone()))),
+                limits.map(|l| Arc::new(Breaker::new(l, label.clone()))),
+                limits.map(|l| Arc::new(ConnectionLimit::new(l.max_connections.0, label.clone()))),
                 Balancer::new(
                     label.clone(),
                     endpoints,
                     &lb,
                     policy.outlier_detection.as_ref(),
-                    ctx.rng(salt),
+                    Rng::from_entropy(),
                 ),
             )
         }
@@ -179,7 +156,7 @@ pub fn destination(
             .load_balancer
             .as_ref()
             .and_then(|lb| lb.hash_on.clone()),
-        pool: ctx.pool.clone(),
+        pool: pool.clone(),
         connections: connections.clone(),
     }));
     Destination {

@@ -53,15 +53,6 @@ impl Stack {
         }
         .call(req)
     }
-
-    /// How many stages, for tests of what a policy puts in.
-    pub fn len(&self) -> usize {
-        self.stages.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.stages.is_empty()
-    }
 }
 
 /// A whole stack used as one stage (a split's backends are stacks of their own).
