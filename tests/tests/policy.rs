@@ -475,7 +475,10 @@ async fn grpc_retries_unavailable_and_faults_answer_with_a_grpc_status() {
     routes:
       - matches: [{{headers: [{{name: x-fault, type: Present}}]}}]
         policy: {{fault: {{abort: {{grpcStatus: RESOURCE_EXHAUSTED, httpStatus: 503}}}}}}
+      - matches: [{{headers: [{{name: x-void, type: Present}}]}}]
+        backends: [{{name: void, port: {port}}}]
       - policy: {{retry: {{attempts: 2, retryOn: [unavailable], backoff: {{base: 1ms, max: 2ms}}}}}}
+  - {{name: void, namespace: shop, port: {port}}}
 "
     );
     let mesh = Mesh::start_with_config(&[], &[], Some(&cfg)).await;
@@ -512,6 +515,17 @@ async fn grpc_retries_unavailable_and_faults_answer_with_a_grpc_status() {
     let status = client.unary(req).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert_eq!(status.message(), "fault injected");
+    // What the proxy answers itself, a gRPC client reads as a gRPC status.
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "hi".into(),
+    });
+    req.metadata_mut().insert("x-void", "1".parse().unwrap());
+    let status = client.unary(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("backend void.shop:{port} has no endpoints")
+    );
     // Passthrough gRPC (no service named) still works.
     let mut plain = echo_client(mesh.client_pod(), mesh.server_addr(GRPC))
         .await
