@@ -569,6 +569,25 @@ async fn a_bad_config_file_is_refused_and_the_good_one_keeps_serving() {
     assert!(log.contains(&path.display().to_string()), "{log}");
     assert_eq!(app(&call(&mesh, "web.shop", "/", &[]).await.1), "server");
 
+    // A duration too long to count: refused the same way, and the proxy lives on.
+    let forever = config(&[service(
+        "web",
+        80,
+        &[HTTP + 1],
+        "policy:\n  timeouts: {request: 18446744073709551615s1s}",
+    )]);
+    std::fs::write(&path, &forever).unwrap();
+    until(Duration::from_secs(10), "the long duration refused", || async {
+        let log = mesh.client.log();
+        match log.contains("services[0].policy.timeouts.request") {
+            true => Ok(()),
+            false => Err(log),
+        }
+    })
+    .await;
+    assert!(mesh.client.log().contains("is too long"));
+    assert_eq!(app(&call(&mesh, "web.shop", "/", &[]).await.1), "server");
+
     // A good change takes effect.
     let moved = config(&[service("web", 80, &[HTTP + 1], "")]);
     std::fs::write(&path, &moved).unwrap();

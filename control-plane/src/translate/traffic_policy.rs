@@ -560,6 +560,33 @@ spec:
     }
 
     #[test]
+    fn a_duration_too_long_to_count_is_refused_naming_the_field_not_a_panic() {
+        let t = translated(&format!(
+            "{SHOP}
+---
+apiVersion: policy.trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: forever, namespace: shop}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: reviews}}]
+  timeouts: {{request: 18446744073709551615s1s}}
+"
+        ));
+        let forever = t.status(TRAFFIC_POLICY, "shop", "forever").unwrap();
+        assert!(!forever.accepted);
+        assert!(
+            forever.message.starts_with("spec.timeouts.request: duration"),
+            "{}",
+            forever.message
+        );
+        assert!(forever.message.contains("too long"), "{}", forever.message);
+        assert_eq!(
+            service(&t.mesh, "shop", "reviews").policy,
+            Policy::default()
+        );
+    }
+
+    #[test]
     fn a_destination_section_on_a_route_or_rule_is_refused_and_nothing_of_it_applies() {
         const GRPC_ROUTE_YAML: &str = "
 ---
