@@ -4,9 +4,10 @@
 //! compiled on the proxy's one runtime thread).
 //!
 //! Two ways of applying a version are measured in the same run: `rebuild`, every
-//! version compiled from nothing (what the proxy did before state was kept across
-//! versions), and `diff`, the version applied as a change to the running table
-//! (`RouteTable::next`, what it does now). For each: the time one change takes on
+//! version parsed and compiled from nothing (what the proxy did before state was
+//! kept across versions), and `diff`, what the proxy's discovery client does now
+//! (`Versions::apply`: only the changed resource is parsed, and the table is
+//! updated with `RouteTable::next`). For each: the time one change takes on
 //! the runtime thread, and the latency of requests through the proxy's route stack
 //! to a real HTTP server on loopback while 10 changes a second are applied, against
 //! the same load with no changes.
@@ -20,12 +21,15 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use trellis_proto::model::{
-    config::Config,
-    resources::{from_resources, to_resources},
+use trellis_proto::{
+    model::{
+        config::Config,
+        resources::{from_resources, to_resources},
+    },
+    v1::{DiscoveryResponse, Resource},
 };
 use trellis_proxy::{
-    config::check_routes,
+    config::{check_routes, discovery::Versions},
     routing::table::{RouteTable, SharedTable},
     upstream::{pool::Pool, request_body::RequestBody},
 };
@@ -70,15 +74,32 @@ fn mesh(servers: &[SocketAddr]) -> Config {
     trellis_proxy::config::parse("bench", &yaml).expect("the bench mesh parses")
 }
 
-/// The resources of version `n`: one service other than the loaded one gains or
-/// loses an endpoint, as one EndpointSlice change does.
-fn version(base: &Config, n: usize) -> BTreeMap<String, Vec<u8>> {
+/// Version `n` of the mesh: one service other than the loaded one loses an
+/// endpoint or gets it back, as one EndpointSlice change does; with the name of
+/// the resource that changed.
+fn version(base: &Config, n: usize) -> (BTreeMap<String, Vec<u8>>, String) {
     let mut config = base.clone();
-    let service = &mut config.services[1 + n % (SERVICES - 1)];
+    let index = 1 + (n / 2) % (SERVICES - 1);
+    let service = &mut config.services[index];
     if n % 2 == 0 {
         service.endpoints.pop();
     }
-    to_resources(&config)
+    let name = trellis_proto::model::resources::service_name(service);
+    (to_resources(&config), name)
+}
+
+/// The discovery response that carries version `n` to a proxy that has `n - 1`.
+fn response(resources: &BTreeMap<String, Vec<u8>>, changed: &str, n: usize) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version: n.to_string(),
+        nonce: n.to_string(),
+        full: false,
+        resources: vec![Resource {
+            name: changed.to_owned(),
+            json: resources[changed].clone(),
+        }],
+        removed: Vec::new(),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -96,15 +117,28 @@ impl Mode {
     }
 }
 
-/// Applies one version the way the discovery client does.
-fn apply(mode: Mode, resources: &BTreeMap<String, Vec<u8>>, table: &SharedTable, pool: &Arc<Pool>) {
-    let config = from_resources(resources).expect("valid resources");
-    check_routes(&config).expect("valid routes");
-    let next = match mode {
-        Mode::Rebuild => RouteTable::new(config, pool),
-        Mode::Diff => table.load().next(config, pool),
-    };
-    table.store(Arc::new(next.expect("the table builds")));
+/// Applies version `n`: from nothing (`rebuild`), or as the discovery client does.
+fn apply(
+    mode: Mode,
+    versions: &mut Versions,
+    base: &Config,
+    n: usize,
+    table: &SharedTable,
+    pool: &Arc<Pool>,
+) {
+    let (resources, changed) = version(base, n);
+    match mode {
+        Mode::Rebuild => {
+            let config = from_resources(&resources).expect("valid resources");
+            check_routes(&config).expect("valid routes");
+            let table_now = RouteTable::new(config, pool).expect("the table builds");
+            table.store(Arc::new(table_now));
+        }
+        Mode::Diff => {
+            let answer = versions.apply(&response(&resources, &changed, n), table, pool);
+            assert!(answer.nack.is_none(), "{:?}", answer.nack);
+        }
+    }
 }
 
 /// Loopback HTTP/1 servers on their own thread, standing in for the application.
@@ -154,7 +188,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn load(
     mode: Mode,
     churn: bool,
-    base: &Config,
+    (base, versions, first): (&Config, &mut Versions, usize),
     table: &SharedTable,
     pool: &Arc<Pool>,
 ) -> (Vec<Duration>, Vec<Duration>) {
@@ -183,12 +217,11 @@ async fn load(
     let mut applies = Vec::new();
     if churn {
         let mut tick = tokio::time::interval(Duration::from_millis(1000 / CHANGES_PER_SECOND));
-        let mut n = 0;
+        let mut n = first;
         while Instant::now() < deadline {
             tick.tick().await;
-            let resources = version(base, n);
             let start = Instant::now();
-            apply(mode, &resources, table, pool);
+            apply(mode, versions, base, n, table, pool);
             applies.push(start.elapsed());
             n += 1;
         }
@@ -221,18 +254,30 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|");
         for mode in [Mode::Rebuild, Mode::Diff] {
             let pool = Pool::new(Duration::from_secs(1));
-            let table: SharedTable = trellis_proxy::routing::table::shared(base.clone(), &pool)
+            let table: SharedTable = trellis_proxy::routing::table::shared(Config::default(), &pool)
                 .expect("the table builds");
+            // The first, full version.
+            let mut versions = Versions::default();
+            let full = DiscoveryResponse {
+                version: "start".into(),
+                nonce: "start".into(),
+                full: true,
+                resources: to_resources(&base)
+                    .into_iter()
+                    .map(|(name, json)| Resource { name, json })
+                    .collect(),
+                removed: Vec::new(),
+            };
+            assert!(versions.apply(&full, &table, &pool).nack.is_none());
             let mut times = Vec::with_capacity(CHANGES);
             for n in 0..CHANGES {
-                let resources = version(&base, n);
                 let start = Instant::now();
-                apply(mode, &resources, &table, &pool);
+                apply(mode, &mut versions, &base, n, &table, &pool);
                 times.push(start.elapsed());
             }
             times.sort();
-            let (quiet, _) = load(mode, false, &base, &table, &pool).await;
-            let (busy, _) = load(mode, true, &base, &table, &pool).await;
+            let (quiet, _) = load(mode, false, (&base, &mut versions, CHANGES), &table, &pool).await;
+            let (busy, _) = load(mode, true, (&base, &mut versions, CHANGES), &table, &pool).await;
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             println!(
                 "| {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",

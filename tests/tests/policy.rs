@@ -577,13 +577,17 @@ async fn a_bad_config_file_is_refused_and_the_good_one_keeps_serving() {
         "policy:\n  timeouts: {request: 18446744073709551615s1s}",
     )]);
     std::fs::write(&path, &forever).unwrap();
-    until(Duration::from_secs(10), "the long duration refused", || async {
-        let log = mesh.client.log();
-        match log.contains("services[0].policy.timeouts.request") {
-            true => Ok(()),
-            false => Err(log),
-        }
-    })
+    until(
+        Duration::from_secs(10),
+        "the long duration refused",
+        || async {
+            let log = mesh.client.log();
+            match log.contains("services[0].policy.timeouts.request") {
+                true => Ok(()),
+                false => Err(log),
+            }
+        },
+    )
     .await;
     assert!(mesh.client.log().contains("is too long"));
     assert_eq!(app(&call(&mesh, "web.shop", "/", &[]).await.1), "server");

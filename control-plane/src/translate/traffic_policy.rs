@@ -575,7 +575,9 @@ spec:
         let forever = t.status(TRAFFIC_POLICY, "shop", "forever").unwrap();
         assert!(!forever.accepted);
         assert!(
-            forever.message.starts_with("spec.timeouts.request: duration"),
+            forever
+                .message
+                .starts_with("spec.timeouts.request: duration"),
             "{}",
             forever.message
         );

@@ -54,24 +54,47 @@ fn parse<T: serde::de::DeserializeOwned>(name: &str, json: &[u8]) -> Result<T, R
     })
 }
 
-/// Reassembles and validates a whole config from its resources.
-pub fn from_resources(resources: &BTreeMap<String, Vec<u8>>) -> Result<Config, ResourceError> {
+/// One resource, parsed: what a proxy keeps of it between versions, so that a
+/// version is parsed only for what it changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed {
+    Service(Box<Service>),
+    Inbound(InboundPort),
+}
+
+/// Parses one resource by its name's kind.
+pub fn parse_resource(name: &str, json: &[u8]) -> Result<Parsed, ResourceError> {
+    if name.starts_with("service/") {
+        parse(name, json).map(|service| Parsed::Service(Box::new(service)))
+    } else if name.starts_with("inbound/") {
+        parse(name, json).map(Parsed::Inbound)
+    } else {
+        Err(ResourceError {
+            resource: name.to_owned(),
+            path: ".".into(),
+            message: "unknown kind of resource".into(),
+        })
+    }
+}
+
+/// Reassembles and validates a whole config from its parsed resources; an error
+/// names the resource it is about.
+pub fn assemble<'a>(
+    resources: impl IntoIterator<Item = (&'a String, &'a Parsed)>,
+) -> Result<Config, ResourceError> {
     let mut config = Config::default();
     let mut service_names = Vec::new();
     let mut inbound_names = Vec::new();
-    for (name, json) in resources {
-        if name.starts_with("service/") {
-            config.services.push(parse(name, json)?);
-            service_names.push(name.as_str());
-        } else if name.starts_with("inbound/") {
-            config.inbound.push(parse(name, json)?);
-            inbound_names.push(name.as_str());
-        } else {
-            return Err(ResourceError {
-                resource: name.clone(),
-                path: ".".into(),
-                message: "unknown kind of resource".into(),
-            });
+    for (name, parsed) in resources {
+        match parsed {
+            Parsed::Service(service) => {
+                config.services.push((**service).clone());
+                service_names.push(name.as_str());
+            }
+            Parsed::Inbound(port) => {
+                config.inbound.push(port.clone());
+                inbound_names.push(name.as_str());
+            }
         }
     }
     config.validate().map_err(|(path, message)| {
@@ -99,6 +122,15 @@ pub fn from_resources(resources: &BTreeMap<String, Vec<u8>>) -> Result<Config, R
         }
     })?;
     Ok(config)
+}
+
+/// Parses, reassembles and validates a whole config from its resources' JSON.
+pub fn from_resources(resources: &BTreeMap<String, Vec<u8>>) -> Result<Config, ResourceError> {
+    let parsed = resources
+        .iter()
+        .map(|(name, json)| Ok((name, parse_resource(name, json)?)))
+        .collect::<Result<Vec<_>, ResourceError>>()?;
+    assemble(parsed.iter().map(|(name, parsed)| (*name, parsed)))
 }
 
 #[cfg(test)]

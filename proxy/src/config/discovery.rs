@@ -8,8 +8,9 @@
 //!
 //! A refused resource blocks only itself: the rest of its version applies, the
 //! resource keeps its last accepted form (or stays absent), and later versions that
-//! do not touch it apply as usual. The proxy keeps `accepted`, the resources its
-//! table runs; each version's changes are tried on top of it.
+//! do not touch it apply as usual. [`Versions`] keeps the resources the table runs,
+//! parsed; a version's changes are parsed and tried on top of them, so a version
+//! costs what it changes, not what the mesh holds.
 
 use super::file::check_routes;
 use crate::upstream::pool::Pool;
@@ -21,7 +22,7 @@ use std::{
 };
 use tokio::sync::{mpsc, watch};
 use trellis_proto::{
-    model::resources::{from_resources, service_name, ResourceError},
+    model::resources::{assemble, parse_resource, service_name, Parsed, ResourceError},
     v1::{discovery_client::DiscoveryClient, DiscoveryRequest, DiscoveryResponse, Nack, Node},
 };
 
@@ -38,7 +39,7 @@ pub async fn run(
     loaded: watch::Sender<bool>,
 ) {
     let rng = Rng::from_entropy();
-    let mut state = State::default();
+    let mut state = Versions::default();
     let mut failures = 0u32;
     loop {
         let seen = state.responses;
@@ -58,10 +59,11 @@ pub async fn run(
     }
 }
 
+/// What the proxy has applied of the control plane's versions.
 #[derive(Default)]
-struct State {
-    /// The resources the running table was built from, by name.
-    accepted: BTreeMap<String, Vec<u8>>,
+pub struct Versions {
+    /// The resources the running table was built from, by name, parsed.
+    accepted: BTreeMap<String, Arc<Parsed>>,
     applied_version: String,
     responses: u64,
 }
@@ -73,7 +75,7 @@ async fn session(
     table: &SharedTable,
     pool: &Arc<Pool>,
     loaded: &watch::Sender<bool>,
-    state: &mut State,
+    state: &mut Versions,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
@@ -101,98 +103,114 @@ async fn session(
     tracing::info!(%url, "connected to the control plane");
     while let Some(response) = responses.message().await? {
         state.responses += 1;
-        let answer = apply(&response, table, pool, state);
+        let answer = state.apply(&response, table, pool);
         match &answer.nack {
-            None => {
-                loaded.send_replace(true);
-                tracing::info!(version = %response.version, "config applied");
-            }
+            None => tracing::info!(version = %response.version, "config applied"),
             Some(nack) => tracing::error!(
                 version = %response.version,
                 resource = %nack.resource,
                 error = %nack.message,
-                "config refused; keeping the running config"
+                "resource refused; the rest of the version applies"
             ),
+        }
+        if !state.applied_version.is_empty() {
+            loaded.send_replace(true);
         }
         requests.send(answer).await?;
     }
     Ok(())
 }
 
-/// Applies one response and says how it went.
-fn apply(
-    response: &DiscoveryResponse,
-    table: &SharedTable,
-    pool: &Arc<Pool>,
-    state: &mut State,
-) -> DiscoveryRequest {
-    // What this version changes, on top of what runs.
-    let mut candidate = state.accepted.clone();
-    let mut changed: BTreeSet<&str> = BTreeSet::new();
-    if response.full {
-        changed.extend(state.accepted.keys().map(String::as_str));
-        candidate.clear();
-    }
-    for resource in &response.resources {
-        candidate.insert(resource.name.clone(), resource.json.clone());
-        changed.insert(&resource.name);
-    }
-    for name in &response.removed {
-        candidate.remove(name);
-        changed.insert(name);
-    }
-    // A refused resource that this version changed goes back to how it runs now,
-    // and the rest is tried again; one the version did not change refuses it all.
-    let mut refused: Vec<ResourceError> = Vec::new();
-    let built = loop {
-        match build(&candidate, table, pool) {
-            Ok(new) => break Some(new),
-            Err(error) if changed.remove(error.resource.as_str()) => {
-                match state.accepted.get(&error.resource) {
-                    Some(json) => candidate.insert(error.resource.clone(), json.clone()),
-                    None => candidate.remove(&error.resource),
-                };
-                refused.push(error);
-            }
-            Err(error) => {
-                refused.push(error);
-                break None;
+impl Versions {
+    /// Applies one response to `table` and says how it went.
+    pub fn apply(
+        &mut self,
+        response: &DiscoveryResponse,
+        table: &SharedTable,
+        pool: &Arc<Pool>,
+    ) -> DiscoveryRequest {
+        // What this version changes, on top of what runs: only that is parsed.
+        let mut candidate = self.accepted.clone();
+        let mut changed: BTreeSet<&str> = BTreeSet::new();
+        let mut refused: Vec<ResourceError> = Vec::new();
+        if response.full {
+            changed.extend(self.accepted.keys().map(String::as_str));
+            candidate.clear();
+        }
+        for resource in &response.resources {
+            changed.insert(&resource.name);
+            match parse_resource(&resource.name, &resource.json) {
+                Ok(parsed) => {
+                    candidate.insert(resource.name.clone(), Arc::new(parsed));
+                }
+                Err(error) => {
+                    self.keep_accepted(&mut candidate, &resource.name);
+                    refused.push(error);
+                }
             }
         }
-    };
-    if let Some(new) = built {
-        table.store(Arc::new(new));
-        state.accepted = candidate;
-        state.applied_version = response.version.clone();
+        for name in &response.removed {
+            candidate.remove(name);
+            changed.insert(name);
+        }
+        // A resource the version changed that the whole refuses goes back to how it
+        // runs now, and the rest is tried again; one the version did not change
+        // refuses it all.
+        let built = loop {
+            match build(&candidate, table, pool) {
+                Ok(new) => break Some(new),
+                Err(error) if changed.remove(error.resource.as_str()) => {
+                    self.keep_accepted(&mut candidate, &error.resource);
+                    refused.push(error);
+                }
+                Err(error) => {
+                    refused.push(error);
+                    break None;
+                }
+            }
+        };
+        if let Some(new) = built {
+            table.store(Arc::new(new));
+            self.accepted = candidate;
+            self.applied_version = response.version.clone();
+        }
+        DiscoveryRequest {
+            version: response.version.clone(),
+            nonce: response.nonce.clone(),
+            applied_version: self.applied_version.clone(),
+            nack: refused.first().map(|first| Nack {
+                resource: first.resource.clone(),
+                message: match refused.len() {
+                    1 => format!("{}: {}", first.path, first.message),
+                    n => format!(
+                        "{}: {} (and {} more refused)",
+                        first.path,
+                        first.message,
+                        n - 1
+                    ),
+                },
+            }),
+            ..Default::default()
+        }
     }
-    DiscoveryRequest {
-        version: response.version.clone(),
-        nonce: response.nonce.clone(),
-        applied_version: state.applied_version.clone(),
-        nack: refused.first().map(|first| Nack {
-            resource: first.resource.clone(),
-            message: match refused.len() {
-                1 => format!("{}: {}", first.path, first.message),
-                n => format!(
-                    "{}: {} (and {} more refused)",
-                    first.path,
-                    first.message,
-                    n - 1
-                ),
-            },
-        }),
-        ..Default::default()
+
+    /// Puts `name` in `candidate` back as it runs now (or takes it out).
+    fn keep_accepted(&self, candidate: &mut BTreeMap<String, Arc<Parsed>>, name: &str) {
+        match self.accepted.get(name) {
+            Some(parsed) => candidate.insert(name.to_owned(), parsed.clone()),
+            None => candidate.remove(name),
+        };
     }
 }
 
 /// The table for `resources`, as a change to the running one; an error names the
 /// resource it is about where it can.
 fn build(
-    resources: &BTreeMap<String, Vec<u8>>,
+    resources: &BTreeMap<String, Arc<Parsed>>,
     table: &SharedTable,
     pool: &Arc<Pool>,
 ) -> Result<crate::routing::table::RouteTable, ResourceError> {
-    let config = from_resources(resources)?;
+    let config = assemble(resources.iter().map(|(name, parsed)| (name, &**parsed)))?;
     check_routes(&config).map_err(|(path, message)| {
         // "services[i]..." names a service; say which resource that is.
         let resource = path
@@ -251,9 +269,9 @@ mod tests {
     async fn applies_full_then_incremental_and_nacks_without_losing_the_good_table() {
         let pool = Pool::new(Duration::from_secs(1));
         let table = crate::routing::table::shared(Default::default(), &pool).unwrap();
-        let mut state = State::default();
+        let mut state = Versions::default();
         let full = response("1", true, vec![resource("service/shop/web/80", WEB)], &[]);
-        let ack = apply(&full, &table, &pool, &mut state);
+        let ack = state.apply(&full, &table, &pool);
         assert!(ack.nack.is_none());
         assert_eq!((ack.version.as_str(), ack.nonce.as_str()), ("1", "n1"));
         assert!(table.load().lookup("web.shop").is_some());
@@ -265,7 +283,7 @@ mod tests {
             vec![resource("service/shop/api/80", BAD_API)],
             &[],
         );
-        let nack = apply(&update, &table, &pool, &mut state);
+        let nack = state.apply(&update, &table, &pool);
         let refused = nack.nack.expect("a NACK");
         assert_eq!(refused.resource, "service/shop/api/80");
         assert!(
@@ -281,7 +299,7 @@ mod tests {
 
         // The next increment removes it.
         let fixed = response("3", false, vec![], &["service/shop/api/80"]);
-        assert!(apply(&fixed, &table, &pool, &mut state).nack.is_none());
+        assert!(state.apply(&fixed, &table, &pool).nack.is_none());
         assert_eq!(state.applied_version, "3");
         assert!(table.load().lookup("web.shop").is_some());
     }
@@ -290,9 +308,9 @@ mod tests {
     async fn a_refused_resource_blocks_only_itself() {
         let pool = Pool::new(Duration::from_secs(1));
         let table = crate::routing::table::shared(Default::default(), &pool).unwrap();
-        let mut state = State::default();
+        let mut state = Versions::default();
         let full = response("1", true, vec![resource("service/shop/web/80", WEB)], &[]);
-        assert!(apply(&full, &table, &pool, &mut state).nack.is_none());
+        assert!(state.apply(&full, &table, &pool).nack.is_none());
 
         // A bad resource and a good one in one version: the good one applies.
         let cart = r#"{"name":"cart","namespace":"shop","port":80}"#;
@@ -305,7 +323,7 @@ mod tests {
             ],
             &[],
         );
-        let answer = apply(&mixed, &table, &pool, &mut state);
+        let answer = state.apply(&mixed, &table, &pool);
         assert_eq!(answer.nack.expect("a NACK").resource, "service/shop/api/80");
         assert_eq!(answer.applied_version, "2", "the rest of version 2 runs");
         assert!(table.load().lookup("cart.shop").is_some());
@@ -320,7 +338,7 @@ mod tests {
                 vec![resource("service/shop/web/80", &web)],
                 &[],
             );
-            let answer = apply(&next, &table, &pool, &mut state);
+            let answer = state.apply(&next, &table, &pool);
             assert!(
                 answer.nack.is_none(),
                 "version {version}: {:?}",
@@ -344,11 +362,10 @@ mod tests {
 
         // A fixed form of it is taken.
         let api = r#"{"name":"api","namespace":"shop","port":80}"#;
-        let answer = apply(
+        let answer = state.apply(
             &response("5", false, vec![resource("service/shop/api/80", api)], &[]),
             &table,
             &pool,
-            &mut state,
         );
         assert!(answer.nack.is_none());
         assert!(table.load().lookup("api.shop").is_some());
