@@ -423,7 +423,12 @@ async fn rate_limits_outbound_per_key_and_inbound_per_port() {
         &[HTTP],
         "policy:\n  rateLimit: {maxTokens: 3, fillInterval: 1h, keyHeader: x-user}",
     )]);
-    let inbound = "inbound:\n  - port: 8081\n    rateLimit: {maxTokens: 2, fillInterval: 1h}\n";
+    let inbound = "inbound:
+  - port: 8081
+    rateLimit: {maxTokens: 2, fillInterval: 1h}
+  - port: 8083
+    rateLimit: {maxTokens: 1, fillInterval: 1h, keyHeader: x-user}
+";
     let mesh = Mesh::start_with_configs(&[], &[], Some(&cfg), Some(inbound)).await;
     for user in ["ann", "bob"] {
         for _ in 0..3 {
@@ -454,12 +459,31 @@ async fn rate_limits_outbound_per_key_and_inbound_per_port() {
             .0,
         200
     );
+    // Inbound with keyHeader: a bucket per caller, and one for callers without it
+    // (the app behind it answers 500 to whatever it is let through).
+    let a = mesh.server_addr(BROKEN);
+    let as_user = |user: &'static str| {
+        let pod = mesh.client_pod().clone();
+        async move {
+            let req = Request::get("/")
+                .header("host", a.to_string())
+                .header("x-user", user)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = send_h1(&pod, a, req).await.unwrap();
+            collect(response).await.unwrap().0.as_u16()
+        }
+    };
+    assert_eq!(as_user("ann").await, 500);
+    assert_eq!(as_user("ann").await, 429, "ann's bucket is spent");
+    assert_eq!(as_user("bob").await, 500, "bob has a bucket of his own");
+    assert_eq!(get(mesh.client_pod(), a, "/").await.unwrap().0, 500);
     assert_eq!(
         mesh.server
             .metrics()
             .await
             .sum("trellis_ratelimited_total", &[]),
-        1.0
+        2.0
     );
 }
 

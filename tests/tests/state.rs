@@ -2,7 +2,8 @@
 //! sidecars taking their config from a control plane in local mode, while the
 //! served directory changes under them. An endpoint ejected by outlier detection
 //! stays ejected, a drained token bucket stays drained and a spent retry budget
-//! stays spent across a push that is not about them; and destination sections
+//! stays spent across a push that is not about them, and an endpoint keeps its
+//! latency estimate when another joins its service; and destination sections
 //! follow the destination, so a backend's own `outlierDetection` ejects its failing
 //! endpoint when it is reached through another service's route.
 
@@ -130,6 +131,7 @@ ports: [{name: http, port: 8084}]
 ";
 
 const LIMIT: Duration = Duration::from_secs(20);
+const GOOD: &str = "198.18.0.3:8081";
 const BROKEN: &str = "198.18.0.3:8083";
 
 /// Pods: client (0), server (1) with the apps, the control plane (2).
@@ -166,8 +168,12 @@ impl Pods {
 
     /// One call from the client pod to a cluster IP, as an unchanged client makes it.
     async fn call(&self, cluster_ip: &str) -> u16 {
+        self.call_path(cluster_ip, "/").await
+    }
+
+    async fn call_path(&self, cluster_ip: &str, path: &str) -> u16 {
         let addr: SocketAddr = format!("{cluster_ip}:80").parse().unwrap();
-        match get_with_host(self.net.pod(0), addr, "/", cluster_ip).await {
+        match get_with_host(self.net.pod(0), addr, path, cluster_ip).await {
             Ok((status, _, _)) => status.as_u16(),
             Err(error) => panic!("call to {cluster_ip}: {error}"),
         }
@@ -206,6 +212,15 @@ async fn dumped(sidecar: &Sidecar, service: &str) -> Result<Value, String> {
         .and_then(|all| all.iter().find(|s| s["service"] == service))
         .cloned()
         .ok_or_else(|| format!("{service} not in the config yet"))
+}
+
+/// The balancer's latency estimate of one endpoint of `service`, in ms.
+fn latency_ms(service: &Value, address: &str) -> f64 {
+    service["balancer"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["address"] == address))
+        .and_then(|e| e["latencyMs"].as_f64())
+        .unwrap_or_else(|| panic!("no estimate for {address}: {service}"))
 }
 
 fn ejected(service: &Value) -> Vec<String> {
@@ -252,6 +267,11 @@ async fn ejections_buckets_and_budgets_survive_a_push_and_destination_sections_f
         .await
         .iter()
         .all(|s| *s == 200));
+    // One slow answer: the good endpoint's peak-EWMA estimate jumps to it (a new
+    // endpoint starts at 30 ms).
+    assert_eq!(pods.call_path("198.19.0.10", "/slow/300").await, 200);
+    let v2 = dumped(&pods.client, "reviews-v2.shop:80").await.unwrap();
+    assert!(latency_ms(&v2, GOOD) > 250.0, "{v2}");
 
     // The inbound bucket of ratings (5 tokens an hour) drained.
     let mut drained = pods.calls("198.19.0.20", 8).await;
@@ -316,6 +336,10 @@ async fn ejections_buckets_and_budgets_survive_a_push_and_destination_sections_f
     })
     .await;
     assert_eq!(ejected(&v2), [BROKEN]);
+    // The good endpoint kept its estimate (decaying with a 10 s time constant, far
+    // above the 30 ms it would have started again from); the new one starts fresh.
+    assert!(latency_ms(&v2, GOOD) > 60.0, "{v2}");
+    assert!(latency_ms(&v2, "198.18.0.3:8084") <= 30.0, "{v2}");
     assert!(pods
         .calls("198.19.0.10", 30)
         .await

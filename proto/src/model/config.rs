@@ -408,6 +408,11 @@ pub(crate) mod tests {
                 "the field is `retryOn`",
             ),
             (
+                "      rateLimit: {maxTokens: 1, fillInterval: 1s, keyHeader: \"x user\"}\n",
+                "services[0].policy.rateLimit.keyHeader",
+                "\"x user\" is not a header name",
+            ),
+            (
                 "      fault: {abort: {httpStatus: 503, percent: 120}}\n",
                 "services[0].policy.fault.abort.percent",
                 "outside 0 to 100",

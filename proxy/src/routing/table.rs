@@ -312,8 +312,9 @@ impl RouteTable {
         self.backends.get(label)
     }
 
-    /// The config as it runs: each service's destination sections and which of its
-    /// endpoints are ejected, and every route with its effective call policy (the
+    /// The config as it runs: each service's destination sections, what its
+    /// balancer knows of each endpoint (latency estimate, in flight, ejected) and
+    /// which are ejected, and every route with its effective call policy (the
     /// service's call sections under the route's own), defaults filled in.
     pub fn effective(&self) -> serde_json::Value {
         let services: Vec<_> = self
@@ -334,16 +335,16 @@ impl RouteTable {
                     })
                     .collect();
                 let label = service.authority();
-                let ejected = self
+                let balancer = self
                     .backends
                     .get(label.as_str())
-                    .map(|b| b.current().balancer.ejected())
-                    .unwrap_or_default();
+                    .map(|b| b.current().balancer.clone());
                 json!({
                     "service": label,
                     "clusterIP": service.cluster_ip,
                     "endpoints": service.endpoints,
-                    "ejected": ejected,
+                    "ejected": balancer.as_ref().map(|b| b.ejected()).unwrap_or_default(),
+                    "balancer": balancer.map(|b| b.endpoint_states()).unwrap_or_default(),
                     "destination": service.policy.destination_sections(),
                     "routes": routes,
                 })

@@ -199,6 +199,22 @@ impl Balancer {
         }
     }
 
+    /// What the balancer knows of each endpoint now, for `/config_dump`.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        let now = Instant::now();
+        let ejected = self.ejected();
+        self.0
+            .endpoints
+            .iter()
+            .map(|e| EndpointState {
+                address: e.addr,
+                latency_ms: e.rtt.at(now) / 1e6,
+                in_flight: e.in_flight.load(Ordering::Relaxed),
+                ejected: ejected.contains(&e.addr),
+            })
+            .collect()
+    }
+
     /// Endpoints currently ejected (for tests and /config_dump).
     pub fn ejected(&self) -> Vec<SocketAddr> {
         let Some(outlier) = &self.0.outlier else {
@@ -221,6 +237,17 @@ impl fmt::Debug for Balancer {
             .field("ring_hash", &!self.0.ring.is_empty())
             .finish()
     }
+}
+
+/// One endpoint as `/config_dump` shows it: its latency estimate (peak EWMA, as of
+/// now), requests in flight, and whether outlier detection has it out.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointState {
+    pub address: SocketAddr,
+    pub latency_ms: f64,
+    pub in_flight: u32,
+    pub ejected: bool,
 }
 
 /// One request's use of an endpoint: counts as in flight until finished or dropped.
