@@ -38,9 +38,6 @@ pub struct Target {
     pub label: Arc<str>,
     router: Router,
     routes: Box<[Arc<RoutePlan>]>,
-    /// What the routes were built from: the service without its endpoints and
-    /// destination sections (those belong to its [`Backend`]).
-    calls: Service,
 }
 
 /// One route: its name for metrics and the stack its requests run through.
@@ -91,7 +88,8 @@ pub struct RouteTable {
     by_authority: HashMap<Box<str>, Arc<Target>>,
     /// Services by cluster IP and port: what an unchanged client dials.
     by_address: HashMap<SocketAddr, Arc<Target>>,
-    targets: HashMap<Arc<str>, Arc<Target>>,
+    /// Each service's target, and where the service stands in `config`.
+    targets: HashMap<Arc<str>, (Arc<Target>, usize)>,
     backends: HashMap<Arc<str>, Arc<Backend>>,
     inbound: HashMap<u16, (RateLimitConfig, Arc<RateLimit>)>,
     pub config: Config,
@@ -110,13 +108,19 @@ fn route_name(route: &Route, index: usize) -> String {
     route.name.clone().unwrap_or_else(|| index.to_string())
 }
 
-/// The service as its callers' routes see it: no endpoints, no destination sections.
-fn calls_of(service: &Service) -> Service {
-    Service {
-        endpoints: Vec::new(),
-        policy: service.policy.call_sections(),
-        ..service.clone()
-    }
+/// Whether two versions of a service are the same to the requests addressed to it:
+/// everything but its endpoints and destination sections (which belong to its
+/// [`Backend`]).
+fn same_calls(a: &Service, b: &Service) -> bool {
+    a.name == b.name
+        && a.namespace == b.namespace
+        && a.port == b.port
+        && a.cluster_ip == b.cluster_ip
+        && a.routes == b.routes
+        && a.policy.timeouts == b.policy.timeouts
+        && a.policy.retry == b.policy.retry
+        && a.policy.rate_limit == b.policy.rate_limit
+        && a.policy.fault == b.policy.fault
 }
 
 impl RouteTable {
@@ -182,10 +186,12 @@ impl RouteTable {
         };
 
         let mut targets = HashMap::with_capacity(config.services.len());
-        for service in &config.services {
+        for (position, service) in config.services.iter().enumerate() {
             let label: Arc<str> = service.authority().into();
-            let calls = calls_of(service);
-            let old = previous.and_then(|p| p.targets.get(&label));
+            let old = previous.and_then(|p| {
+                let (target, at) = p.targets.get(&label)?;
+                Some((target, p.config.services.get(*at)?))
+            });
             let routes = routes_of(service);
             let mut plans = Vec::with_capacity(routes.len());
             for (i, route) in routes.iter().enumerate() {
@@ -209,7 +215,7 @@ impl RouteTable {
                     needs_client_addr: needs.iter().any(|n| n.1),
                     backends: weighted,
                 };
-                let same = old.and_then(|t| t.routes.iter().find(|p| p.built == built));
+                let same = old.and_then(|(t, _)| t.routes.iter().find(|p| p.built == built));
                 plans.push(match same {
                     Some(plan) => plan.clone(),
                     None => Arc::new(RoutePlan {
@@ -228,13 +234,13 @@ impl RouteTable {
                     }),
                 });
             }
-            let unchanged = old.filter(|t| {
-                t.calls == calls
+            let unchanged = old.filter(|(t, was)| {
+                same_calls(was, service)
                     && t.routes.len() == plans.len()
                     && t.routes.iter().zip(&plans).all(|(a, b)| Arc::ptr_eq(a, b))
             });
             let target = match unchanged {
-                Some(target) => target.clone(),
+                Some((target, _)) => target.clone(),
                 None => {
                     let router = Router::new(routes.iter().map(|r| r.matches.as_slice()))
                         .map_err(|e| format!("service {label}: {e}"))?;
@@ -242,11 +248,10 @@ impl RouteTable {
                         label: label.clone(),
                         router,
                         routes: plans.into_boxed_slice(),
-                        calls,
                     })
                 }
             };
-            targets.insert(label, target);
+            targets.insert(label, (target, position));
         }
 
         let mut inbound = HashMap::new();
@@ -376,11 +381,11 @@ type Indexes = (
 );
 
 /// Every authority form and cluster address of each service.
-fn index(config: &Config, targets: &HashMap<Arc<str>, Arc<Target>>) -> Indexes {
+fn index(config: &Config, targets: &HashMap<Arc<str>, (Arc<Target>, usize)>) -> Indexes {
     let mut by_authority = HashMap::with_capacity(config.services.len() * 4);
     let mut by_address = HashMap::new();
     for service in &config.services {
-        let Some(target) = targets.get(service.authority().as_str()) else {
+        let Some((target, _)) = targets.get(service.authority().as_str()) else {
             continue;
         };
         let port = service.port.get();
