@@ -14,6 +14,7 @@ pub mod kube;
 pub mod kube_api;
 pub mod mesh;
 pub mod netns;
+pub mod policy;
 pub mod prom;
 pub mod sidecar;
 pub mod wait;
