@@ -23,8 +23,6 @@ pub mod rate_limit;
 pub mod retry;
 pub mod split;
 pub mod stage;
-#[cfg(test)]
-pub mod testing;
 pub mod timeout;
 
 use crate::{
@@ -167,3 +165,6 @@ pub fn destination(
         stack: Stack::new(stages),
     }
 }
+
+#[cfg(test)]
+pub mod testing;
