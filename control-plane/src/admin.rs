@@ -40,6 +40,7 @@ pub fn metrics_recorder() -> Result<PrometheusRecorder, BuildError> {
 pub fn describe_metrics() {
     crate::hub::describe_metrics();
     crate::discovery::describe_metrics();
+    crate::identity::service::describe_metrics();
 }
 
 pub struct Admin {

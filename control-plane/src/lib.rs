@@ -15,9 +15,10 @@
 //! - [`discovery`]: one gRPC stream per proxy, sending its view (then only what
 //!   changed) and recording each ACK or NACK.
 //!
-//! Beside them: [`crd`], Trellis's own kinds (TrafficPolicy, ServerPolicy) and
-//! their CustomResourceDefinitions; [`admin`], the admin port (`/ready`,
-//! `/metrics`, `/proxies`, `/status`).
+//! Beside them: [`identity`], the mesh's certificate authority and the service
+//! proxies get their certificates from; [`crd`], Trellis's own kinds
+//! (TrafficPolicy, ServerPolicy) and their CustomResourceDefinitions; [`admin`],
+//! the admin port (`/ready`, `/metrics`, `/proxies`, `/status`).
 //!
 //! Imports point the same way: a source imports the hub, the hub imports
 //! translation, discovery imports the hub, and translation imports none of them.
@@ -26,5 +27,6 @@ pub mod admin;
 pub mod crd;
 pub mod discovery;
 pub mod hub;
+pub mod identity;
 pub mod source;
 pub mod translate;

@@ -5,7 +5,16 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-use trellis_control_plane::{admin, discovery, hub::Hub, source};
+use trellis_control_plane::{
+    admin, discovery,
+    hub::Hub,
+    identity::{
+        ca::{Authority, Workload},
+        service::{IdentityService, ROOT_EXPIRY_SECONDS},
+        tokens::BootstrapTokens,
+    },
+    source,
+};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +41,25 @@ struct Cli {
     /// How often local mode checks the directory for changes.
     #[arg(long, default_value = "200ms", value_parser = trellis_proto::model::duration::parse)]
     poll: Duration,
+    /// Be the mesh's certificate authority, with the root (or intermediate) kept in
+    /// DIR as ca.crt and ca.key, made there on first start when neither exists. The
+    /// gRPC port (discovery and identity) is then served over TLS only.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Local mode's credentials: lines of `TOKEN NAMESPACE/SERVICEACCOUNT`.
+    #[arg(long, requires = "ca_dir")]
+    bootstrap_tokens: Option<PathBuf>,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// How long the certificates proxies get are valid (never past the CA's own).
+    #[arg(long, default_value = "24h", value_parser = trellis_proto::model::duration::parse)]
+    certificate_lifetime: Duration,
+    /// The DNS names proxies reach the control plane by, in its serving certificate.
+    #[arg(long, default_value = "trellis-control-plane.trellis-system.svc")]
+    server_name: Vec<String>,
+    /// The control plane's own identity, as NAMESPACE/SERVICEACCOUNT.
+    #[arg(long, default_value = "trellis-system/trellis-control-plane")]
+    identity: String,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +76,13 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(dir) = &cli.local {
         anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
+    }
+    if cli.ca_dir.is_some() {
+        anyhow::ensure!(
+            cli.bootstrap_tokens.is_some(),
+            "--ca-dir needs credentials to check: --bootstrap-tokens FILE (Kubernetes \
+             service-account tokens are not accepted yet)"
+        );
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -119,8 +154,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             term.recv().await;
         }
     };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    let mut identity = None;
+    if let (Some(dir), Some(tokens)) = (&cli.ca_dir, &cli.bootstrap_tokens) {
+        let authority = Arc::new(
+            Authority::load_or_create(dir, &cli.trust_domain, cli.certificate_lifetime)
+                .context("the certificate authority")?,
+        );
+        let tokens = BootstrapTokens::load(tokens).map_err(anyhow::Error::msg)?;
+        let (namespace, service_account) = cli
+            .identity
+            .split_once('/')
+            .context("--identity: expected NAMESPACE/SERVICEACCOUNT")?;
+        let workload = Workload {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        };
+        let (chain, key) = authority
+            .serving_certificate(&workload, &cli.server_name)
+            .context("the control plane's serving certificate")?;
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+            )
+            .context("TLS for the gRPC port")?;
+        tokio::spawn(report_root_expiry(authority.clone()));
+        identity = Some(IdentityService::new(authority, Arc::new(tokens)));
+    }
+    server
         .add_service(discovery::DiscoveryService::new(hub, proxies))
+        .add_optional_service(identity)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             async {
@@ -130,4 +194,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .context("gRPC server")?;
     Ok(())
+}
+
+/// Keeps the seconds left on the CA's own certificate on `/metrics`.
+async fn report_root_expiry(authority: Arc<Authority>) {
+    let gauge = metrics::gauge!(ROOT_EXPIRY_SECONDS);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let left = authority
+            .not_after()
+            .duration_since(std::time::SystemTime::now())
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge.set(left);
+    }
 }

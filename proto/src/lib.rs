@@ -9,7 +9,7 @@ pub mod model {
     pub mod resources;
 }
 
-/// The generated discovery API (`proto/trellis/v1/discovery.proto`).
+/// The generated discovery and identity APIs (`proto/trellis/v1/`).
 pub mod v1 {
     tonic::include_proto!("trellis.v1");
 }

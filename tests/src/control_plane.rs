@@ -20,6 +20,8 @@ pub const ADMIN_PORT: u16 = 15014;
 pub struct ControlPlane {
     pub pod: Pod,
     pub dir: TempDir,
+    /// Flags beyond `--local DIR`.
+    args: Vec<String>,
     child: Option<Child>,
     logs: TempDir,
     starts: usize,
@@ -29,6 +31,11 @@ impl ControlPlane {
     /// Starts `trellis-control-plane --local <dir>` in `pod` with `files` written
     /// into the directory first.
     pub async fn start(pod: &Pod, files: &[(&str, &str)]) -> ControlPlane {
+        ControlPlane::start_with(pod, files, &[]).await
+    }
+
+    /// [`ControlPlane::start`] with more flags.
+    pub async fn start_with(pod: &Pod, files: &[(&str, &str)], args: &[&str]) -> ControlPlane {
         let dir = TempDir::new("mesh");
         for (name, text) in files {
             std::fs::write(dir.0.join(name), text).expect("write mesh file");
@@ -36,6 +43,7 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             pod: pod.clone(),
             dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
             logs: TempDir::new("cp-logs"),
             starts: 0,
@@ -116,6 +124,7 @@ impl ControlPlane {
             .command(control_plane_bin().to_str().unwrap())
             .arg("--local")
             .arg(&self.dir.0)
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,448 @@
+//! The mesh's certificate authority: a root (or an intermediate an operator's root
+//! signed) kept as `ca.crt` and `ca.key` in a directory, made on first start when
+//! neither file exists and never made again over an existing one.
+//!
+//! It signs a certificate for the key of a CSR and the identity a credential
+//! proved. Nothing of what the CSR asks for is taken but its key (and the proof
+//! that the requester holds it, its signature): the certificate carries
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` as its only
+//! subject alternative name, serverAuth and clientAuth, and lives for the
+//! configured lifetime but never past the issuer's own expiry.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::{
+    fmt, fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+use time::OffsetDateTime;
+
+/// How long a generated root lives.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this much before they are issued, for clocks a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// A workload identity: a service account in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Workload {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Workload {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {message}")]
+    Files { path: PathBuf, message: String },
+    #[error("the CSR is not valid: {0}")]
+    Csr(String),
+    #[error("cannot sign: {0}")]
+    Sign(String),
+}
+
+/// A certificate the authority issued.
+pub struct Issued {
+    /// DER, the new certificate first, then the authority's.
+    pub chain: Vec<Vec<u8>>,
+    pub not_after: SystemTime,
+    pub identity: String,
+}
+
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_der: Vec<u8>,
+    not_after: OffsetDateTime,
+    trust_domain: String,
+    lifetime: Duration,
+}
+
+fn files_error(path: &Path, message: impl fmt::Display) -> CaError {
+    CaError::Files {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+impl Authority {
+    /// The authority kept in `dir` (`ca.crt`, `ca.key`), made there when neither
+    /// file exists. One without the other is refused rather than replaced.
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Authority, CaError> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {}
+            (false, false) => {
+                fs::create_dir_all(dir).map_err(|e| files_error(dir, e))?;
+                let (cert_pem, key_pem) = new_root(trust_domain)?;
+                write_new(&key_path, &key_pem, 0o600)?;
+                write_new(&cert_path, &cert_pem, 0o644)?;
+                tracing::info!(dir = %dir.display(), "made a new mesh root");
+            }
+            (true, false) => {
+                return Err(files_error(&key_path, "missing, while ca.crt exists"));
+            }
+            (false, true) => {
+                return Err(files_error(&cert_path, "missing, while ca.key exists"));
+            }
+        }
+        let read = |path: &Path| fs::read_to_string(path).map_err(|e| files_error(path, e));
+        let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| files_error(&key_path, e))?;
+        let cert_der = pem_der(&cert_pem).map_err(|e| files_error(&cert_path, e))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| files_error(&cert_path, e))?;
+        if !parsed.is_ca() {
+            return Err(files_error(&cert_path, "not a CA certificate"));
+        }
+        let not_after = parsed.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
+            .map_err(|e| files_error(&cert_path, format!("does not go with ca.key: {e}")))?;
+        Ok(Authority {
+            issuer,
+            cert_der,
+            not_after,
+            trust_domain: trust_domain.to_owned(),
+            lifetime,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The authority's own certificate, DER: what proxies trust.
+    pub fn root_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// When the authority's certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        SystemTime::from(self.not_after)
+    }
+
+    /// A certificate for `workload` and the key of `csr` (PKCS#10, DER).
+    pub fn certify(&self, workload: &Workload, csr: &[u8]) -> Result<Issued, CaError> {
+        // Parsing checks the CSR's signature: the requester holds the key.
+        let request = CertificateSigningRequestParams::from_der(&csr.to_vec().into())
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let (params, identity) = self.leaf(workload)?;
+        let cert = params
+            .signed_by(&request.public_key, &self.issuer)
+            .map_err(sign_error)?;
+        Ok(Issued {
+            chain: vec![cert.der().to_vec(), self.cert_der.clone()],
+            not_after: SystemTime::from(params.not_after),
+            identity,
+        })
+    }
+
+    /// A certificate chain and key (PEM) for the control plane's own TLS server,
+    /// as `workload`, also valid for `dns_names` (what proxies dial it by).
+    pub fn serving_certificate(
+        &self,
+        workload: &Workload,
+        dns_names: &[String],
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(sign_error)?;
+        let (mut params, _) = self.leaf(workload)?;
+        for name in dns_names {
+            let name = name.clone().try_into().map_err(sign_error)?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
+        let root = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert_der.clone()));
+        Ok((format!("{}{root}", cert.pem()), key.serialize_pem()))
+    }
+
+    /// What every certificate the authority issues says: the workload's SPIFFE ID
+    /// as its only name, both TLS usages, from now (less clock skew) for the
+    /// lifetime, but not past the authority's own expiry.
+    fn leaf(&self, workload: &Workload) -> Result<(CertificateParams, String), CaError> {
+        let identity = workload.spiffe_id(&self.trust_domain);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity.clone().try_into().map_err(sign_error)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = (now + self.lifetime).min(self.not_after);
+        Ok((params, identity))
+    }
+}
+
+fn sign_error(error: rcgen::Error) -> CaError {
+    CaError::Sign(error.to_string())
+}
+
+/// A self-signed root for `trust_domain`: (certificate PEM, key PEM).
+fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(sign_error)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("trellis root ({trust_domain})"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + ROOT_LIFETIME;
+    let cert = params.self_signed(&key).map_err(sign_error)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Writes a file that must not exist yet, readable as `mode` says.
+fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| files_error(path, e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| files_error(path, e))
+}
+
+/// The DER of the certificate in `text` (PEM).
+fn pem_der(text: &str) -> Result<Vec<u8>, String> {
+    let parsed = pem::parse(text).map_err(|e| e.to_string())?;
+    if parsed.tag() != "CERTIFICATE" {
+        return Err(format!("holds a {}, not a CERTIFICATE", parsed.tag()));
+    }
+    Ok(parsed.into_contents())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::{
+        extensions::{GeneralName, ParsedExtension},
+        prelude::X509Certificate,
+    };
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// A directory of its own under the temp dir, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let path =
+                std::env::temp_dir().join(format!("trellis-ca-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            Dir(path)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn frontend() -> Workload {
+        Workload {
+            namespace: "shop".into(),
+            service_account: "frontend".into(),
+        }
+    }
+
+    /// A CSR for a new key that asks for `uri` and a DNS name.
+    fn csr_asking_for(uri: &str) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.to_owned().try_into().unwrap()));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn parse(der: &[u8]) -> X509Certificate<'_> {
+        x509_parser::parse_x509_certificate(der).unwrap().1
+    }
+
+    #[test]
+    fn a_root_is_made_once_and_kept_across_restarts() {
+        let dir = Dir::new("keep");
+        let first = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.0.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the key is for the control plane alone"
+        );
+        let again = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        assert_eq!(
+            first.root_der(),
+            again.root_der(),
+            "the same root after a restart"
+        );
+        assert!(parse(again.root_der()).is_ca());
+        let years = again.not_after().duration_since(SystemTime::now()).unwrap();
+        assert!(years > Duration::from_secs(9 * 365 * 24 * 3600));
+    }
+
+    #[test]
+    fn one_file_without_the_other_is_refused_and_not_replaced() {
+        let dir = Dir::new("half");
+        Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        let root = fs::read(dir.0.join("ca.crt")).unwrap();
+        fs::remove_file(dir.0.join("ca.key")).unwrap();
+        let error = Authority::load_or_create(&dir.0, "cluster.local", DAY)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("ca.key: missing"), "{error}");
+        assert_eq!(
+            fs::read(dir.0.join("ca.crt")).unwrap(),
+            root,
+            "left as it was"
+        );
+        assert!(!dir.0.join("ca.key").exists());
+    }
+
+    #[test]
+    fn a_certificate_carries_the_credentials_identity_and_nothing_the_csr_asked_for() {
+        let dir = Dir::new("leaf");
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        let issued = ca
+            .certify(
+                &frontend(),
+                &csr_asking_for("spiffe://cluster.local/ns/kube-system/sa/admin"),
+            )
+            .unwrap();
+        assert_eq!(
+            issued.identity,
+            "spiffe://cluster.local/ns/shop/sa/frontend"
+        );
+        assert_eq!(issued.chain.len(), 2);
+        assert_eq!(issued.chain[1], ca.root_der());
+        let leaf = parse(&issued.chain[0]);
+        let root = parse(ca.root_der());
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("signed by the root");
+        assert!(!leaf.is_ca(), "the CSR asked to be a CA; it is not");
+        let mut names = Vec::new();
+        let mut usages = None;
+        for extension in leaf.extensions() {
+            match extension.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        names.push(match name {
+                            GeneralName::URI(uri) => format!("uri:{uri}"),
+                            other => format!("{other:?}"),
+                        });
+                    }
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    usages = Some((eku.server_auth, eku.client_auth));
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(names, ["uri:spiffe://cluster.local/ns/shop/sa/frontend"]);
+        assert_eq!(usages, Some((true, true)));
+        let lifetime =
+            leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert_eq!(lifetime, (DAY + CLOCK_SKEW).as_secs() as i64);
+    }
+
+    #[test]
+    fn a_certificate_never_outlives_its_issuer() {
+        let dir = Dir::new("short");
+        fs::create_dir_all(&dir.0).unwrap();
+        // An operator's root that expires in an hour.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        let root = params.self_signed(&key).unwrap();
+        fs::write(dir.0.join("ca.crt"), root.pem()).unwrap();
+        fs::write(dir.0.join("ca.key"), key.serialize_pem()).unwrap();
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        let issued = ca
+            .certify(&frontend(), &csr_asking_for("spiffe://x/y"))
+            .unwrap();
+        assert!(issued.not_after <= ca.not_after());
+        let left = issued.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(3600), "{left:?}");
+    }
+
+    #[test]
+    fn a_csr_that_does_not_prove_its_key_is_refused() {
+        let dir = Dir::new("forged");
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        let mut csr = csr_asking_for("spiffe://x/y");
+        let last = csr.len() - 1;
+        csr[last] ^= 0xff;
+        assert!(matches!(
+            ca.certify(&frontend(), &csr),
+            Err(CaError::Csr(_))
+        ));
+        assert!(matches!(
+            ca.certify(&frontend(), b"junk"),
+            Err(CaError::Csr(_))
+        ));
+    }
+
+    #[test]
+    fn the_serving_certificate_names_the_control_plane_and_its_dns_names() {
+        let dir = Dir::new("serving");
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        let workload = Workload {
+            namespace: "trellis-system".into(),
+            service_account: "trellis-control-plane".into(),
+        };
+        let names = ["trellis-control-plane.trellis-system.svc".to_owned()];
+        let (chain, key) = ca.serving_certificate(&workload, &names).unwrap();
+        assert!(KeyPair::from_pem(&key).is_ok());
+        let leaf = pem::parse_many(&chain).unwrap();
+        assert_eq!(leaf.len(), 2, "the certificate and the root");
+        let text = format!("{:?}", parse(leaf[0].contents()).subject_alternative_name());
+        assert!(
+            text.contains("trellis-control-plane.trellis-system.svc"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane"),
+            "{text}"
+        );
+    }
+}
