@@ -4,7 +4,7 @@
 //! 503 with the reason otherwise), `GET /metrics`, `GET /config_dump`,
 //! `POST /shutdown`.
 
-use crate::{routing::table::SharedTable, settings::Settings};
+use crate::{identity::Identity, routing::table::SharedTable, settings::Settings};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -32,6 +32,8 @@ pub struct AdminState {
     metrics: PrometheusHandle,
     table: SharedTable,
     settings: Arc<Settings>,
+    /// The proxy's certificate, when it has an identity to prove.
+    identity: Option<Arc<Identity>>,
 }
 
 impl AdminState {
@@ -39,6 +41,7 @@ impl AdminState {
         metrics: PrometheusHandle,
         table: SharedTable,
         settings: Arc<Settings>,
+        identity: Option<Arc<Identity>>,
     ) -> Arc<Self> {
         Arc::new(AdminState {
             listening: AtomicBool::new(false),
@@ -47,6 +50,7 @@ impl AdminState {
             metrics,
             table,
             settings,
+            identity,
         })
     }
 }
@@ -101,6 +105,15 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: starting up or draining\n",
                 )
+            } else if state
+                .identity
+                .as_ref()
+                .is_some_and(|identity| identity.current().is_none())
+            {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for a certificate from the control plane\n",
+                )
             } else if !state.config_loaded.load(Ordering::Acquire) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +135,7 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> 
             let table = state.table.load();
             let dump = serde_json::json!({
                 "settings": &*state.settings,
+                "identity": state.identity.as_ref().map(|identity| identity.dump()),
                 "config": table.effective(),
             });
             let mut response = text(

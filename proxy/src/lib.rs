@@ -12,14 +12,17 @@
 //! - [`stack`]: the policy stages in request order, and how a route's and a
 //!   destination's stages are put together.
 //! - [`upstream`]: forwarding one request to one endpoint over pooled connections.
-//! - [`config`]: where config comes from (a file, or the control plane).
+//! - [`config`]: where config comes from (a file, or the control plane), over
+//!   [`control_plane`], the connection the proxy's [`identity`] is certified over too.
 //! - [`admin`], [`metrics`]: the admin port and what it reports.
 //! - [`settings`], [`shutdown`], [`backoff`], [`rng`]: shared plumbing.
 
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod control_plane;
 pub mod http;
+pub mod identity;
 pub mod iptables;
 pub mod listen;
 pub mod metrics;

@@ -9,7 +9,7 @@ use trellis_proto::model::duration;
 use trellis_proxy::{
     config::Config,
     iptables::{self, Cidr, Rules},
-    settings::{Identity, Settings, DEFAULT_OPAQUE_PORTS},
+    settings::{Settings, DEFAULT_OPAQUE_PORTS},
 };
 
 #[derive(Parser)]
@@ -79,6 +79,22 @@ struct RunArgs {
     /// Config then comes from it; the proxy is ready once the first version arrives.
     #[arg(long, env = "TRELLIS_CONTROL_PLANE")]
     control_plane: Option<String>,
+    /// The roots (PEM) the control plane's certificate must chain to; needed for
+    /// an https:// control plane.
+    #[arg(long, env = "TRELLIS_TRUST_ANCHORS")]
+    trust_anchors: Option<PathBuf>,
+    /// The name the control plane's certificate must carry.
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_PLANE_NAME",
+        default_value = "trellis-control-plane.trellis-system.svc"
+    )]
+    control_plane_name: String,
+    /// The credential this proxy proves its identity with (the pod's projected
+    /// service-account token); with it the proxy gets a certificate from the
+    /// control plane, and is ready only once it has one.
+    #[arg(long, env = "TRELLIS_IDENTITY_TOKEN_FILE", requires = "control_plane")]
+    identity_token_file: Option<PathBuf>,
     /// This pod's name, namespace, service account, IP and node, as the injector sets them.
     #[arg(long, env = "TRELLIS_POD_NAME", default_value = "")]
     pod_name: String,
@@ -189,7 +205,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         config_file: args.config,
         control_plane: args.control_plane,
-        identity: Identity {
+        trust_anchors: args.trust_anchors,
+        control_plane_name: args.control_plane_name,
+        identity_token_file: args.identity_token_file,
+        node: trellis_proto::v1::Node {
             namespace: args.pod_namespace,
             pod: args.pod_name,
             service_account: args.service_account,

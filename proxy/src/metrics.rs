@@ -79,6 +79,15 @@ fn describe() {
         ENDPOINTS_EJECTED,
         "Endpoints ejected by outlier detection now, by backend"
     );
+    describe_gauge!(
+        crate::identity::CERTIFICATE_EXPIRY,
+        Unit::Seconds,
+        "When the proxy's certificate expires, in seconds since the Unix epoch: alert on time() getting near it"
+    );
+    describe_counter!(
+        crate::identity::RENEWALS_TOTAL,
+        "Certificate requests to the control plane, by result (ok, or error while the current one is kept)"
+    );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config file reloads, by result (ok, or error when the running config was kept)"
@@ -161,11 +170,13 @@ mod tests {
                 OVERFLOW_TOTAL,
                 OUTLIER_EJECTIONS_TOTAL,
                 CONFIG_RELOADS_TOTAL,
+                crate::identity::RENEWALS_TOTAL,
             ] {
                 metrics::counter!(name).increment(1);
             }
             metrics::gauge!(TCP_CONNECTIONS_OPEN).set(1.0);
             metrics::gauge!(ENDPOINTS_EJECTED).set(1.0);
+            metrics::gauge!(crate::identity::CERTIFICATE_EXPIRY).set(1.0);
             metrics::histogram!(REQUEST_DURATION).record(0.1);
         });
         let text = handle.render();
@@ -174,7 +185,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(types.len(), 14, "{text}");
+        assert_eq!(types.len(), 16, "{text}");
         for name in types {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

@@ -5,6 +5,8 @@
 use crate::{
     admin::{self, AdminState},
     config::Config,
+    control_plane::ControlPlane,
+    identity::Identity,
     listen::{self, Listener},
     metrics::Direction,
     routing::table,
@@ -34,14 +36,43 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     let inbound = bind(settings.inbound_addr, "inbound").await?;
     let admin_listener = bind(settings.admin_addr, "admin").await?;
 
-    let admin = AdminState::new(metrics, table.clone(), settings.clone());
+    let control_plane = match &settings.control_plane {
+        Some(url) => Some(
+            ControlPlane::new(
+                url,
+                settings.trust_anchors.as_deref(),
+                &settings.control_plane_name,
+            )
+            .map_err(io::Error::other)?,
+        ),
+        None => None,
+    };
+    let identity = match (&settings.identity_token_file, &control_plane) {
+        (None, _) => None,
+        (Some(token_file), Some(control_plane)) if control_plane.is_tls() => {
+            let identity = Arc::new(Identity::default());
+            tokio::spawn(crate::identity::run(
+                control_plane.clone(),
+                token_file.clone(),
+                identity.clone(),
+            ));
+            Some(identity)
+        }
+        (Some(_), _) => {
+            return Err(io::Error::other(
+                "--identity-token-file needs an https:// --control-plane and --trust-anchors: \
+                 the token is a secret and is never sent in plaintext",
+            ))
+        }
+    };
+    let admin = AdminState::new(metrics, table.clone(), settings.clone(), identity);
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
 
     let (loaded_tx, loaded) = tokio::sync::watch::channel(settings.control_plane.is_none());
-    if let Some(url) = settings.control_plane.clone() {
+    if let Some(control_plane) = control_plane {
         tokio::spawn(crate::config::discovery::run(
-            url,
-            settings.identity.clone(),
+            control_plane,
+            settings.node.clone(),
             table.clone(),
             pool.clone(),
             loaded_tx,

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
-use trellis_proto::model::duration::serde_text;
+use trellis_proto::{model::duration::serde_text, v1::Node};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -11,8 +11,17 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// The control plane's discovery URL (dynamic mode), instead of a config file.
     pub control_plane: Option<String>,
+    /// The roots the control plane's certificate (and, with mTLS, every meshed
+    /// peer's) must chain to; `https://` control planes need them.
+    pub trust_anchors: Option<PathBuf>,
+    /// The name the control plane's certificate must carry.
+    pub control_plane_name: String,
+    /// The credential the proxy proves its identity with; with it, the proxy gets
+    /// a certificate from the control plane and keeps it current.
+    pub identity_token_file: Option<PathBuf>,
+    /// Who this proxy is, as the injector describes it (sent to the control plane).
     #[serde(skip)]
-    pub identity: Identity,
+    pub node: Node,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -28,16 +37,6 @@ pub struct Settings {
     pub access_log: bool,
     /// Ports proxied as opaque TCP without detection (server-first protocols).
     pub opaque_ports: BTreeSet<u16>,
-}
-
-/// Who this proxy is, as the injector describes it (sent to the control plane).
-#[derive(Debug, Clone, Default)]
-pub struct Identity {
-    pub namespace: String,
-    pub pod: String,
-    pub service_account: String,
-    pub node: String,
-    pub pod_ip: String,
 }
 
 /// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,

@@ -3,16 +3,20 @@
 //! a certificate from its own root; a client in another pod that trusts that root
 //! sends a token and a CSR and gets a certificate for the token's identity, never
 //! the one the CSR asks for; a bad token is refused and counted; the root survives
-//! a restart.
+//! a restart. A proxy with an identity token is ready only once it holds a
+//! certificate for the token's identity, and renews it before it expires.
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use std::net::SocketAddr;
+use std::time::Duration;
 use trellis_proto::v1::{identity_client::IdentityClient, CertifyRequest};
 use trellis_tests::{
     control_plane::{ControlPlane, GRPC_PORT},
     http::{get, TIMEOUT},
     netns::{Network, Pod},
     prom::Metrics,
+    sidecar::{self, proxy_bin, Options, Sidecar},
+    wait::until,
     TempDir,
 };
 use x509_parser::extensions::GeneralName;
@@ -167,4 +171,126 @@ async fn the_control_plane_certifies_the_identity_a_token_proves_over_tls_only()
         .expect("a certificate after the restart")
         .into_inner();
     assert_eq!(again.trust_anchors, issued.trust_anchors);
+}
+
+/// The certificate section of a sidecar's `/config_dump`.
+async fn certificate(sidecar: &Sidecar) -> serde_json::Value {
+    let (status, _, body) = get(&sidecar.pod, sidecar::admin(), "/config_dump")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    dump["identity"]["certificate"].clone()
+}
+
+#[tokio::test]
+async fn a_proxy_is_ready_once_certified_for_its_tokens_identity_and_renews_before_expiry() {
+    let net = Network::new(2);
+    let secrets = TempDir::new("identity");
+    let ca_dir = secrets.0.join("ca");
+    let tokens = secrets.0.join("tokens");
+    std::fs::write(&tokens, format!("{TOKEN} shop/frontend\n")).unwrap();
+    let token_file = secrets.0.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    // Certificates that live 3 s: renewed every 2.1 s.
+    let args = [
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--bootstrap-tokens",
+        tokens.to_str().unwrap(),
+        "--certificate-lifetime",
+        "3s",
+    ];
+    let cp = ControlPlane::start_with(net.pod(1), &[], &args).await;
+    let url = format!("https://{}:{GRPC_PORT}", cp.pod.ip);
+    let anchors = ca_dir.join("ca.crt");
+    let run_args = [
+        "--control-plane",
+        url.as_str(),
+        "--trust-anchors",
+        anchors.to_str().unwrap(),
+        "--identity-token-file",
+        token_file.to_str().unwrap(),
+        "--pod-namespace",
+        "shop",
+        "--pod-name",
+        "client",
+    ];
+    // Start-up waits for /ready: the certificate and the first config, both
+    // over TLS.
+    let proxy = Sidecar::start(
+        net.pod(0),
+        Options {
+            run_args: &run_args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = certificate(&proxy).await;
+    assert_eq!(
+        first["identity"],
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+    assert!(first["expiresInSeconds"].as_u64().unwrap() <= 3, "{first}");
+    let renewed = until(Duration::from_secs(20), "a renewed certificate", || async {
+        let now = certificate(&proxy).await;
+        match now["serial"] != first["serial"] {
+            true => Ok(now),
+            false => Err(format!("still {}", now["serial"])),
+        }
+    })
+    .await;
+    assert_eq!(renewed["identity"], first["identity"]);
+    let metrics = proxy.metrics().await;
+    assert!(metrics.sum("trellis_identity_renewals_total", &[("result", "ok")]) >= 2.0);
+    assert_eq!(
+        metrics.sum("trellis_identity_renewals_total", &[("result", "error")]),
+        0.0
+    );
+    let _ = &cp;
+}
+
+#[test]
+fn an_identity_token_is_never_sent_to_a_plaintext_control_plane() {
+    let dir = TempDir::new("token");
+    let token = dir.0.join("token");
+    std::fs::write(&token, "s3cret").unwrap();
+    let output = std::process::Command::new(proxy_bin())
+        .args([
+            "run",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--control-plane",
+            "http://127.0.0.1:1",
+        ])
+        .arg("--identity-token-file")
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("never sent in plaintext"), "{stderr}");
+
+    // And an https:// control plane needs trust anchors to check it against.
+    let output = std::process::Command::new(proxy_bin())
+        .args([
+            "run",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--control-plane",
+            "https://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs --trust-anchors"), "{stderr}");
 }

@@ -14,7 +14,7 @@
 
 use super::file::check_routes;
 use crate::upstream::pool::Pool;
-use crate::{backoff::backoff, rng::Rng, routing::table::SharedTable, settings::Identity};
+use crate::{backoff::backoff, control_plane::ControlPlane, rng::Rng, routing::table::SharedTable};
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -29,11 +29,11 @@ use trellis_proto::{
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Keeps the proxy's table in step with the control plane at `url`, forever.
+/// Keeps the proxy's table in step with the control plane, forever.
 /// `loaded` turns true once the first version has been applied.
 pub async fn run(
-    url: String,
-    identity: Identity,
+    control_plane: ControlPlane,
+    node: Node,
     table: SharedTable,
     pool: Arc<Pool>,
     loaded: watch::Sender<bool>,
@@ -41,9 +41,10 @@ pub async fn run(
     let rng = Rng::from_entropy();
     let mut state = Versions::default();
     let mut failures = 0u32;
+    let url = control_plane.url().to_owned();
     loop {
         let seen = state.responses;
-        match session(&url, &identity, &table, &pool, &loaded, &mut state).await {
+        match session(&control_plane, &node, &table, &pool, &loaded, &mut state).await {
             Ok(()) => tracing::warn!(%url, "control plane closed the stream"),
             Err(error) => tracing::warn!(%url, %error, "control plane stream failed"),
         }
@@ -70,28 +71,19 @@ pub struct Versions {
 
 /// One connection: runs until the stream ends or fails.
 async fn session(
-    url: &str,
-    identity: &Identity,
+    control_plane: &ControlPlane,
+    node: &Node,
     table: &SharedTable,
     pool: &Arc<Pool>,
     loaded: &watch::Sender<bool>,
     state: &mut Versions,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+    let channel = control_plane.connect().await?;
     let mut client = DiscoveryClient::new(channel);
     let (requests, outgoing) = mpsc::channel(16);
     requests
         .send(DiscoveryRequest {
-            node: Some(Node {
-                namespace: identity.namespace.clone(),
-                pod: identity.pod.clone(),
-                service_account: identity.service_account.clone(),
-                node: identity.node.clone(),
-                pod_ip: identity.pod_ip.clone(),
-            }),
+            node: Some(node.clone()),
             applied_version: state.applied_version.clone(),
             ..Default::default()
         })
@@ -100,7 +92,7 @@ async fn session(
         .stream(tokio_stream::wrappers::ReceiverStream::new(outgoing))
         .await?
         .into_inner();
-    tracing::info!(%url, "connected to the control plane");
+    tracing::info!(url = control_plane.url(), "connected to the control plane");
     while let Some(response) = responses.message().await? {
         state.responses += 1;
         let answer = state.apply(&response, table, pool);
