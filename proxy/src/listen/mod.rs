@@ -13,6 +13,7 @@ use crate::{
     routing::table::SharedTable,
     settings::Settings,
     shutdown::Drain,
+    stack::balance::outlier::Answer,
     upstream::pool::Pool,
 };
 use bytes::BytesMut;
@@ -200,11 +201,45 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, m
                 return;
             };
             let mut io = io;
+            // Outbound to a service's cluster IP: one of its endpoints, chosen by
+            // its balancer, where the connection counts as in flight while it
+            // lasts. Anything else goes where the client dialled.
+            let pick = match state.direction {
+                Direction::Outbound => {
+                    let table = state.http.table.load();
+                    let backend = table
+                        .lookup_addr(&dst)
+                        .and_then(|target| table.backend(&target.label));
+                    match backend {
+                        Some(backend) => match backend.current().balancer.pick(None, None) {
+                            Some(pick) => Some(pick),
+                            None => {
+                                tracing::debug!(direction, %dst, "no endpoints for this cluster IP; closing");
+                                return;
+                            }
+                        },
+                        None => None,
+                    }
+                }
+                Direction::Inbound => None,
+            };
+            let target = pick.as_ref().map_or(dst, |pick| pick.addr());
+            let server = match tcp::connect(target, state.settings.connect_timeout).await {
+                Ok(server) => server,
+                Err(error) => {
+                    tracing::debug!(%error, direction, %target, "opaque connect failed; closing");
+                    if let Some(pick) = pick {
+                        pick.finish(Answer::GatewayError);
+                    }
+                    return;
+                }
+            };
             // Opaque bytes carry no signal for shutdown: they run until either side
             // closes or the drain timeout ends the process.
-            if let Err(error) = tcp::forward(&mut io, dst, state.settings.connect_timeout).await {
-                tracing::debug!(%error, direction, %dst, "opaque connection ended with an error");
+            if let Err(error) = tcp::splice(&mut io, server).await {
+                tracing::debug!(%error, direction, %target, "opaque connection ended with an error");
             }
+            drop(pick);
             drop(drain);
         }
     }

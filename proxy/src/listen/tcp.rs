@@ -6,17 +6,9 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Connects to `target` and copies bytes both ways, half-closing each direction as
-/// its sender finishes. A failed connect closes the client connection.
-pub async fn forward<C>(
-    client: &mut C,
-    target: SocketAddr,
-    connect_timeout: Duration,
-) -> io::Result<()>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut server = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
+/// A connection to `target`, or why there is none.
+pub async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let server = tokio::time::timeout(timeout, TcpStream::connect(target))
         .await
         .map_err(|_| {
             io::Error::new(
@@ -25,6 +17,14 @@ where
             )
         })??;
     let _ = server.set_nodelay(true);
+    Ok(server)
+}
+
+/// Copies bytes both ways, half-closing each direction as its sender finishes.
+pub async fn splice<C>(client: &mut C, mut server: TcpStream) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::io::copy_bidirectional(client, &mut server).await?;
     Ok(())
 }
