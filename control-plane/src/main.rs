@@ -9,12 +9,13 @@ use trellis_control_plane::{
     admin, discovery,
     hub::Hub,
     identity::{
-        ca::{Authority, Workload},
+        ca::Authority,
         service::{IdentityService, ROOT_EXPIRY_SECONDS},
         tokens::BootstrapTokens,
     },
     source,
 };
+use trellis_proto::model::config::Workload;
 
 #[derive(Parser)]
 #[command(

@@ -20,34 +20,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 use time::OffsetDateTime;
+use trellis_proto::model::config::Workload;
 
 /// How long a generated root lives.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this much before they are issued, for clocks a little behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
-
-/// A workload identity: a service account in a namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Workload {
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl Workload {
-    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
-    }
-}
-
-impl fmt::Display for Workload {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.service_account)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {

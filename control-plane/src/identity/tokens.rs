@@ -2,8 +2,8 @@
 //! `TOKEN NAMESPACE/SERVICEACCOUNT` (blank lines and `#` comments allowed), each
 //! token proving the identity it names.
 
-use super::ca::Workload;
 use std::{collections::HashMap, path::Path};
+use trellis_proto::model::config::Workload;
 
 pub struct BootstrapTokens(HashMap<String, Workload>);
 

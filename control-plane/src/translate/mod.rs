@@ -135,6 +135,7 @@ pub fn translate(objects: &Objects) -> Translation {
             }
         }
     }
+    let accounts = service::pod_accounts(&objects.pods);
     let mut services = Vec::new();
     for (key, service) in &index.services {
         for port in &service.ports {
@@ -143,7 +144,7 @@ pub fn translate(objects: &Objects) -> Translation {
                 namespace: key.0.clone(),
                 port: port.port,
                 cluster_ip: service.cluster_ip,
-                endpoints: service::endpoints(service, port),
+                endpoints: service::endpoints(service, port, &accounts),
                 routes: route_lists
                     .remove(&(key.clone(), port.port.get()))
                     .unwrap_or_default(),

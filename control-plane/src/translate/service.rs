@@ -17,10 +17,10 @@
 
 use super::objects::{namespace_of, Key, SERVICE};
 use super::problem::{invalid, status, ObjectStatus, Problem};
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;
 use trellis_proto::model::config as model;
@@ -181,9 +181,34 @@ pub(super) fn slice_port(slice: &EndpointSlice, port: &Port) -> Option<NonZeroU1
         .or_else(|| unnamed.first().copied())
 }
 
-/// The ready endpoints of one Service port, sorted and without duplicates.
-pub(super) fn endpoints(service: &ServiceInfo, port: &Port) -> Vec<model::Endpoint> {
-    let mut addresses = BTreeSet::new();
+/// The service account each pod runs as, by (namespace, name): who answers at the
+/// endpoints whose `targetRef` names the pod.
+pub(super) type PodAccounts<'a> = HashMap<(&'a str, &'a str), &'a str>;
+
+/// The service accounts of `pods` (Kubernetes' `default` when a pod names none).
+pub(super) fn pod_accounts(pods: &[Pod]) -> PodAccounts<'_> {
+    pods.iter()
+        .filter_map(|pod| {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let name = pod.metadata.name.as_deref()?;
+            let account = pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.service_account_name.as_deref())
+                .unwrap_or("default");
+            Some(((namespace, name), account))
+        })
+        .collect()
+}
+
+/// The ready endpoints of one Service port, sorted and without duplicates, each
+/// with the identity of the pod behind it when its `targetRef` names a known pod.
+pub(super) fn endpoints(
+    service: &ServiceInfo,
+    port: &Port,
+    accounts: &PodAccounts<'_>,
+) -> Vec<model::Endpoint> {
+    let mut endpoints = BTreeMap::new();
     for slice in &service.slices {
         if slice.address_type == "FQDN" {
             continue;
@@ -191,6 +216,7 @@ pub(super) fn endpoints(service: &ServiceInfo, port: &Port) -> Vec<model::Endpoi
         let Some(number) = slice_port(slice, port) else {
             continue;
         };
+        let slice_namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
         for endpoint in &slice.endpoints {
             let ready = endpoint
                 .conditions
@@ -200,18 +226,33 @@ pub(super) fn endpoints(service: &ServiceInfo, port: &Port) -> Vec<model::Endpoi
             if !ready {
                 continue;
             }
-            if let Some(ip) = endpoint
+            let Some(ip) = endpoint
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<IpAddr>().ok())
-            {
-                addresses.insert(SocketAddr::new(ip, number.get()));
-            }
+            else {
+                continue;
+            };
+            let identity = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let namespace = r.namespace.as_deref().unwrap_or(slice_namespace);
+                    let account = accounts.get(&(namespace, r.name.as_deref()?))?;
+                    Some(model::Workload {
+                        namespace: namespace.to_owned(),
+                        service_account: (*account).to_owned(),
+                    })
+                });
+            endpoints
+                .entry(SocketAddr::new(ip, number.get()))
+                .or_insert(identity);
         }
     }
-    addresses
+    endpoints
         .into_iter()
-        .map(|address| model::Endpoint { address })
+        .map(|(address, identity)| model::Endpoint { address, identity })
         .collect()
 }
 
@@ -263,6 +304,49 @@ mod tests {
         assert_eq!(addresses(v2), ["198.18.0.3:9080"]);
         assert_eq!(v2.cluster_ip, Some("198.19.0.12".parse().unwrap()));
         assert!(t.statuses.is_empty(), "{:?}", t.statuses);
+    }
+
+    #[test]
+    fn an_endpoint_carries_the_service_account_of_the_pod_its_target_ref_names() {
+        let pods = "
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-0, namespace: shop}
+spec: {serviceAccountName: reviews, containers: [{name: app, image: reviews}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-0, namespace: shop}
+spec: {containers: [{name: app, image: reviews}]}
+";
+        let t = translated(&format!("{SHOP}{pods}"));
+        let reviews = service(&t.mesh, "shop", "reviews");
+        let identities: Vec<Option<String>> = reviews
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_ref().map(|w| w.to_string()))
+            .collect();
+        assert_eq!(
+            identities,
+            [
+                Some("shop/reviews".to_owned()),
+                // A pod that names no service account runs as `default`.
+                Some("shop/default".to_owned())
+            ]
+        );
+        assert_eq!(
+            reviews.endpoints[0]
+                .identity
+                .as_ref()
+                .unwrap()
+                .spiffe_id("cluster.local"),
+            "spiffe://cluster.local/ns/shop/sa/reviews"
+        );
+        // Without the pod, who answers is not known.
+        let bare = translated(SHOP);
+        let reviews = service(&bare.mesh, "shop", "reviews");
+        assert!(reviews.endpoints.iter().all(|e| e.identity.is_none()));
     }
 
     #[test]

@@ -181,6 +181,35 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Endpoint {
     pub address: SocketAddr,
+    /// Who answers there: the service account its pod runs as, whose certificate
+    /// (`spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`) the calling
+    /// proxy should see. Absent: not known (no pod behind it, or not meshed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Workload>,
+}
+
+/// A workload identity: a service account in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Workload {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
+    }
 }
 
 fn default_namespace() -> String {
