@@ -10,6 +10,7 @@ use trellis_control_plane::{
     hub::Hub,
     identity::{
         ca::Authority,
+        credentials::Credentials,
         service::{IdentityService, ROOT_EXPIRY_SECONDS},
         tokens::BootstrapTokens,
     },
@@ -47,9 +48,14 @@ struct Cli {
     /// gRPC port (discovery and identity) is then served over TLS only.
     #[arg(long)]
     ca_dir: Option<PathBuf>,
-    /// Local mode's credentials: lines of `TOKEN NAMESPACE/SERVICEACCOUNT`.
+    /// Local mode's credentials: lines of `TOKEN NAMESPACE/SERVICEACCOUNT`. In
+    /// Kubernetes mode proxies prove who they are with their service-account
+    /// token instead, checked with a TokenReview.
     #[arg(long, requires = "ca_dir")]
     bootstrap_tokens: Option<PathBuf>,
+    /// The audience a service-account token must have been made for.
+    #[arg(long, default_value = "trellis")]
+    token_audience: String,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// How long the certificates proxies get are valid (never past the CA's own).
@@ -78,11 +84,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = &cli.local {
         anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
     }
-    if cli.ca_dir.is_some() {
+    if cli.ca_dir.is_some() && cli.local.is_some() {
         anyhow::ensure!(
             cli.bootstrap_tokens.is_some(),
-            "--ca-dir needs credentials to check: --bootstrap-tokens FILE (Kubernetes \
-             service-account tokens are not accepted yet)"
+            "--ca-dir in local mode needs credentials to check: --bootstrap-tokens FILE"
         );
     }
     tracing_subscriber::fmt()
@@ -110,8 +115,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let hub = Hub::start(cli.debounce, cli.debounce * 10);
     let proxies = discovery::Proxies::default();
     let file_errors = source::local::FileErrors::default();
-    let reading = match &cli.local {
-        Some(dir) => {
+    let client = match &cli.local {
+        Some(_) => None,
+        None => Some(kube::Client::try_default().await.context(
+            "Kubernetes mode: cannot configure a client (in-cluster config or KUBECONFIG); use --local DIR for local mode",
+        )?),
+    };
+    let reading = match (&cli.local, &client) {
+        (Some(dir), _) => {
             tokio::spawn(source::local::watch(
                 dir.clone(),
                 cli.poll,
@@ -120,13 +131,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             format!("local directory {}", dir.display())
         }
-        None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("Kubernetes mode: cannot configure a client (in-cluster config or KUBECONFIG); use --local DIR for local mode")?;
-            tokio::spawn(source::kube::run(client, hub.clone()));
+        (None, Some(client)) => {
+            tokio::spawn(source::kube::run(client.clone(), hub.clone()));
             "Kubernetes API".to_owned()
         }
+        (None, None) => anyhow::bail!("neither --local nor a Kubernetes client"),
     };
 
     let admin_listener = tokio::net::TcpListener::bind(cli.admin_addr)
@@ -157,12 +166,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut server = tonic::transport::Server::builder();
     let mut identity = None;
-    if let (Some(dir), Some(tokens)) = (&cli.ca_dir, &cli.bootstrap_tokens) {
+    if let Some(dir) = &cli.ca_dir {
         let authority = Arc::new(
             Authority::load_or_create(dir, &cli.trust_domain, cli.certificate_lifetime)
                 .context("the certificate authority")?,
         );
-        let tokens = BootstrapTokens::load(tokens).map_err(anyhow::Error::msg)?;
+        let credentials = match (&cli.bootstrap_tokens, client) {
+            (Some(tokens), _) => {
+                Credentials::Bootstrap(BootstrapTokens::load(tokens).map_err(anyhow::Error::msg)?)
+            }
+            (None, Some(client)) => Credentials::Kubernetes {
+                client,
+                audience: cli.token_audience.clone(),
+            },
+            (None, None) => anyhow::bail!("--ca-dir in local mode needs --bootstrap-tokens FILE"),
+        };
         let (namespace, service_account) = cli
             .identity
             .split_once('/')
@@ -181,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .context("TLS for the gRPC port")?;
         tokio::spawn(report_root_expiry(authority.clone()));
-        identity = Some(IdentityService::new(authority, Arc::new(tokens)));
+        identity = Some(IdentityService::new(authority, Arc::new(credentials)));
     }
     server
         .add_service(discovery::DiscoveryService::new(hub, proxies))

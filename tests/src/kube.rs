@@ -336,12 +336,19 @@ pub struct ControlPlane {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     kubeconfig: PathBuf,
+    /// Flags beyond the ports.
+    args: Vec<String>,
 }
 
 impl ControlPlane {
     /// Starts it against the API server `kubeconfig` names and waits until it has
     /// translated a first snapshot.
     pub async fn start(kubeconfig: &Path) -> ControlPlane {
+        ControlPlane::start_with(kubeconfig, &[]).await
+    }
+
+    /// [`ControlPlane::start`] with more flags.
+    pub async fn start_with(kubeconfig: &Path, args: &[&str]) -> ControlPlane {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cp = ControlPlane {
@@ -349,6 +356,7 @@ impl ControlPlane {
             grpc,
             admin,
             kubeconfig: kubeconfig.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         cp.restart().await;
         cp
@@ -368,6 +376,7 @@ impl ControlPlane {
                 .arg(self.grpc.to_string())
                 .arg("--admin-addr")
                 .arg(self.admin.to_string())
+                .args(&self.args)
                 .env("KUBECONFIG", &self.kubeconfig)
                 .env("RUST_LOG", "info,trellis_control_plane=debug"),
         );

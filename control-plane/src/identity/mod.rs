@@ -1,7 +1,9 @@
 //! Identity: the control plane as the mesh's certificate authority ([`ca`]), the
-//! credentials that prove a proxy's identity ([`tokens`] in local mode), and the
-//! gRPC service proxies get their certificates from ([`service`]).
+//! credentials that prove a proxy's identity ([`credentials`]: service-account
+//! tokens through TokenReview, or local mode's [`tokens`]), and the gRPC service
+//! proxies get their certificates from ([`service`]).
 
 pub mod ca;
+pub mod credentials;
 pub mod service;
 pub mod tokens;

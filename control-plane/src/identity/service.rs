@@ -3,7 +3,10 @@
 //! proves. Refusals are logged and counted; a refused request learns only that it
 //! was refused and why in general terms, never which tokens exist.
 
-use super::{ca::Authority, tokens::BootstrapTokens};
+use super::{
+    ca::Authority,
+    credentials::{Credentials, Refused},
+};
 use std::{sync::Arc, time::UNIX_EPOCH};
 use tonic::{Request, Response, Status};
 use trellis_proto::v1::{
@@ -31,13 +34,13 @@ pub fn describe_metrics() {
 
 pub struct IdentityService {
     authority: Arc<Authority>,
-    credentials: Arc<BootstrapTokens>,
+    credentials: Arc<Credentials>,
 }
 
 impl IdentityService {
     pub fn new(
         authority: Arc<Authority>,
-        credentials: Arc<BootstrapTokens>,
+        credentials: Arc<Credentials>,
     ) -> IdentityServer<IdentityService> {
         IdentityServer::new(IdentityService {
             authority,
@@ -59,13 +62,23 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let request = request.into_inner();
-        let Some(workload) = self.credentials.identity_of(&request.token) else {
-            return Err(Self::refused(
-                "bad_credential",
-                Status::unauthenticated("the credential is not valid"),
-            ));
+        let workload = match self.credentials.identity_of(&request.token).await {
+            Ok(workload) => workload,
+            Err(Refused::Invalid(reason)) => {
+                tracing::debug!(%reason, "credential refused");
+                return Err(Self::refused(
+                    "bad_credential",
+                    Status::unauthenticated("the credential is not valid"),
+                ));
+            }
+            Err(error @ Refused::Unavailable(_)) => {
+                return Err(Self::refused(
+                    "error",
+                    Status::unavailable(error.to_string()),
+                ))
+            }
         };
-        let issued = match self.authority.certify(workload, &request.csr) {
+        let issued = match self.authority.certify(&workload, &request.csr) {
             Ok(issued) => issued,
             Err(error @ super::ca::CaError::Csr(_)) => {
                 return Err(Self::refused(
