@@ -11,6 +11,7 @@ use trellis_control_plane::{
     identity::{
         ca::Authority,
         credentials::Credentials,
+        secret,
         service::{IdentityService, ROOT_EXPIRY_SECONDS},
         tokens::BootstrapTokens,
     },
@@ -46,12 +47,17 @@ struct Cli {
     /// Be the mesh's certificate authority, with the root (or intermediate) kept in
     /// DIR as ca.crt and ca.key, made there on first start when neither exists. The
     /// gRPC port (discovery and identity) is then served over TLS only.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_secret")]
     ca_dir: Option<PathBuf>,
+    /// Kubernetes mode: be the mesh's certificate authority with the root kept in
+    /// the Secret NAMESPACE/NAME (`ca.crt`, `ca.key`), made there when it does not
+    /// exist and never replaced.
+    #[arg(long)]
+    ca_secret: Option<String>,
     /// Local mode's credentials: lines of `TOKEN NAMESPACE/SERVICEACCOUNT`. In
     /// Kubernetes mode proxies prove who they are with their service-account
     /// token instead, checked with a TokenReview.
-    #[arg(long, requires = "ca_dir")]
+    #[arg(long)]
     bootstrap_tokens: Option<PathBuf>,
     /// The audience a service-account token must have been made for.
     #[arg(long, default_value = "trellis")]
@@ -83,6 +89,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(dir) = &cli.local {
         anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
+    }
+    if cli.ca_secret.is_some() {
+        anyhow::ensure!(
+            cli.local.is_none(),
+            "--ca-secret is for Kubernetes mode; in local mode keep the root in --ca-dir DIR"
+        );
     }
     if cli.ca_dir.is_some() && cli.local.is_some() {
         anyhow::ensure!(
@@ -166,11 +178,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut server = tonic::transport::Server::builder();
     let mut identity = None;
-    if let Some(dir) = &cli.ca_dir {
-        let authority = Arc::new(
-            Authority::load_or_create(dir, &cli.trust_domain, cli.certificate_lifetime)
-                .context("the certificate authority")?,
-        );
+    let authority = match (&cli.ca_dir, &cli.ca_secret, &client) {
+        (Some(dir), _, _) => Some(Authority::load_or_create(
+            dir,
+            &cli.trust_domain,
+            cli.certificate_lifetime,
+        )),
+        (None, Some(secret), Some(client)) => {
+            let (namespace, name) = secret
+                .split_once('/')
+                .context("--ca-secret: expected NAMESPACE/NAME")?;
+            Some(
+                secret::load_or_create(
+                    client,
+                    namespace,
+                    name,
+                    &cli.trust_domain,
+                    cli.certificate_lifetime,
+                )
+                .await,
+            )
+        }
+        _ => None,
+    };
+    if let Some(authority) = authority {
+        let authority = Arc::new(authority.context("the certificate authority")?);
         let credentials = match (&cli.bootstrap_tokens, client) {
             (Some(tokens), _) => {
                 Credentials::Bootstrap(BootstrapTokens::load(tokens).map_err(anyhow::Error::msg)?)

@@ -3,11 +3,13 @@
 //! service-account token made for the audience `trellis` (TokenRequest here, as the
 //! injector's projected volume will), the control plane checks it with a
 //! TokenReview that names that audience, and certifies the service account the
-//! token belongs to. A token made for another audience, or none, is refused.
+//! token belongs to. A token made for another audience, or none, is refused. The
+//! root lives in a Secret the control plane makes on first start and never
+//! replaces.
 
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, ServiceAccount},
+    core::v1::{Namespace, Secret, ServiceAccount},
 };
 use kube::api::{Api, PostParams};
 use rcgen::{CertificateParams, KeyPair};
@@ -16,7 +18,6 @@ use trellis_proto::v1::{identity_client::IdentityClient, CertifyRequest};
 use trellis_tests::{
     http::TIMEOUT,
     kube::{ApiServer, ControlPlane},
-    TempDir,
 };
 
 const SERVER_NAME: &str = "trellis-control-plane.trellis-system.svc";
@@ -53,13 +54,15 @@ fn csr() -> Vec<u8> {
 async fn a_service_account_token_for_trellis_is_certified_after_a_token_review() {
     let api = ApiServer::start().await;
     let namespaces: Api<Namespace> = Api::all(api.client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    for name in ["shop", "trellis-system"] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
     let accounts: Api<ServiceAccount> = Api::namespaced(api.client.clone(), "shop");
     accounts
         .create(
@@ -69,11 +72,21 @@ async fn a_service_account_token_for_trellis_is_certified_after_a_token_review()
         .await
         .unwrap();
 
-    let secrets = TempDir::new("kube-ca");
-    let ca_dir = secrets.0.join("ca");
-    let cp =
-        ControlPlane::start_with(&api.kubeconfig, &["--ca-dir", ca_dir.to_str().unwrap()]).await;
-    let root = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
+    let mut cp = ControlPlane::start_with(
+        &api.kubeconfig,
+        &["--ca-secret", "trellis-system/trellis-ca"],
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(api.client.clone(), "trellis-system");
+    let stored = secrets
+        .get("trellis-ca")
+        .await
+        .expect("the root's Secret was made");
+    let root_of = |secret: &Secret| {
+        String::from_utf8(secret.data.as_ref().unwrap()["ca.crt"].0.clone()).unwrap()
+    };
+    let root = root_of(&stored);
+    assert!(stored.data.as_ref().unwrap().contains_key("ca.key"));
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(&root))
         .domain_name(SERVER_NAME);
@@ -109,4 +122,13 @@ async fn a_service_account_token_for_trellis_is_certified_after_a_token_review()
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     }
+
+    // A restart reads the same root; the Secret is not written again.
+    cp.restart().await;
+    let after = secrets.get("trellis-ca").await.unwrap();
+    assert_eq!(root_of(&after), root);
+    assert_eq!(
+        after.metadata.resource_version,
+        stored.metadata.resource_version
+    );
 }

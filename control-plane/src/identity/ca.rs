@@ -16,7 +16,7 @@ use rcgen::{
 use std::{
     fmt, fs,
     io::Write,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, SystemTime},
 };
 use time::OffsetDateTime;
@@ -29,8 +29,9 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {message}")]
-    Files { path: PathBuf, message: String },
+    /// What is wrong with where the root is kept (a file, a Secret).
+    #[error("{place}: {message}")]
+    Root { place: String, message: String },
     #[error("the CSR is not valid: {0}")]
     Csr(String),
     #[error("cannot sign: {0}")]
@@ -54,8 +55,8 @@ pub struct Authority {
 }
 
 fn files_error(path: &Path, message: impl fmt::Display) -> CaError {
-    CaError::Files {
-        path: path.to_owned(),
+    CaError::Root {
+        place: path.display().to_string(),
         message: message.to_string(),
     }
 }
@@ -87,16 +88,38 @@ impl Authority {
         }
         let read = |path: &Path| fs::read_to_string(path).map_err(|e| files_error(path, e));
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| files_error(&key_path, e))?;
-        let cert_der = pem_der(&cert_pem).map_err(|e| files_error(&cert_path, e))?;
+        Authority::from_pem(
+            &cert_pem,
+            &key_pem,
+            &dir.display().to_string(),
+            trust_domain,
+            lifetime,
+        )
+    }
+
+    /// The authority of a root (`ca.crt`) and its key (`ca.key`), both PEM, kept at
+    /// `place` (named in errors).
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        place: &str,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Authority, CaError> {
+        let error = |what: &str, message: String| CaError::Root {
+            place: format!("{place}: {what}"),
+            message,
+        };
+        let key = KeyPair::from_pem(key_pem).map_err(|e| error("ca.key", e.to_string()))?;
+        let cert_der = pem_der(cert_pem).map_err(|e| error("ca.crt", e))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| files_error(&cert_path, e))?;
+            .map_err(|e| error("ca.crt", e.to_string()))?;
         if !parsed.is_ca() {
-            return Err(files_error(&cert_path, "not a CA certificate"));
+            return Err(error("ca.crt", "not a CA certificate".into()));
         }
         let not_after = parsed.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
-            .map_err(|e| files_error(&cert_path, format!("does not go with ca.key: {e}")))?;
+            .map_err(|e| error("ca.crt", format!("does not go with ca.key: {e}")))?;
         Ok(Authority {
             issuer,
             cert_der,
@@ -180,8 +203,8 @@ fn sign_error(error: rcgen::Error) -> CaError {
     CaError::Sign(error.to_string())
 }
 
-/// A self-signed root for `trust_domain`: (certificate PEM, key PEM).
-fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
+/// A new self-signed root for `trust_domain`: (certificate PEM, key PEM).
+pub fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(sign_error)?;
     let mut params = CertificateParams::default();
     params
@@ -225,6 +248,7 @@ fn pem_der(text: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use x509_parser::{
         extensions::{GeneralName, ParsedExtension},
         prelude::X509Certificate,
