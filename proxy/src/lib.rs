@@ -32,4 +32,5 @@ pub mod run;
 pub mod settings;
 pub mod shutdown;
 pub mod stack;
+pub mod tls;
 pub mod upstream;

@@ -24,6 +24,7 @@ pub const OUTLIER_EJECTIONS_TOTAL: &str = "trellis_outlier_ejections_total";
 /// Gauge, label `backend`: endpoints ejected right now.
 pub const ENDPOINTS_EJECTED: &str = "trellis_endpoints_ejected";
 pub const CONFIG_RELOADS_TOTAL: &str = "trellis_config_reloads_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
 
 /// Says what every metric means, so `/metrics` carries a `# HELP` line for each.
 fn describe() {
@@ -87,6 +88,10 @@ fn describe() {
     describe_counter!(
         crate::identity::RENEWALS_TOTAL,
         "Certificate requests to the control plane, by result (ok, or error while the current one is kept)"
+    );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "Mesh mTLS handshakes, by direction and result (ok, refused, timeout, error)"
     );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
@@ -171,6 +176,7 @@ mod tests {
                 OUTLIER_EJECTIONS_TOTAL,
                 CONFIG_RELOADS_TOTAL,
                 crate::identity::RENEWALS_TOTAL,
+                TLS_HANDSHAKES_TOTAL,
             ] {
                 metrics::counter!(name).increment(1);
             }
@@ -185,7 +191,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(types.len(), 16, "{text}");
+        assert_eq!(types.len(), 17, "{text}");
         for name in types {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

@@ -21,9 +21,6 @@ use tokio::net::TcpListener;
 pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     let metrics = crate::metrics::install();
     let settings = Arc::new(settings);
-    let pool = Pool::new(settings.connect_timeout);
-    let table = table::shared(config, &pool).map_err(io::Error::other)?;
-
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.map_err(|e| {
             io::Error::new(
@@ -65,7 +62,9 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
             ))
         }
     };
-    let admin = AdminState::new(metrics, table.clone(), settings.clone(), identity);
+    let pool = Pool::meshed(settings.connect_timeout, identity.clone());
+    let table = table::shared(config, &pool).map_err(io::Error::other)?;
+    let admin = AdminState::new(metrics, table.clone(), settings.clone(), identity.clone());
     tokio::spawn(admin::serve(admin_listener, admin.clone()));
 
     let (loaded_tx, loaded) = tokio::sync::watch::channel(settings.control_plane.is_none());
@@ -85,7 +84,14 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
         (outbound, Direction::Outbound),
         (inbound, Direction::Inbound),
     ] {
-        let state = Listener::new(direction, &settings, loaded.clone(), &table, &pool);
+        let state = Listener::new(
+            direction,
+            &settings,
+            loaded.clone(),
+            &table,
+            &pool,
+            identity.clone(),
+        );
         tokio::spawn(listen::accept_loop(listener, state, drain.clone()));
     }
     drop(drain);

@@ -183,7 +183,7 @@ impl HttpProxy {
                 limit.admit(&req)?;
             }
         }
-        forward(&self.shared.pool, addr, req, None)
+        forward(&self.shared.pool, addr, req, None, None)
             .await
             .map_err(|error| Failure::upstream(&error, None, addr))
     }

@@ -98,6 +98,67 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ClientIo<I> {
     }
 }
 
+/// A stream that keeps a copy of what is read from it until told to stop, so that
+/// a ClientHello read to see whether it asks for mesh mTLS can be replayed to the
+/// app's own TLS server when it does not.
+pub struct Recorder<I> {
+    inner: I,
+    recorded: Option<Vec<u8>>,
+}
+
+impl<I> Recorder<I> {
+    pub fn new(inner: I) -> Self {
+        Recorder {
+            inner,
+            recorded: Some(Vec::new()),
+        }
+    }
+
+    /// Stops keeping a copy (the handshake goes on as mesh mTLS).
+    pub fn stop(&mut self) {
+        self.recorded = None;
+    }
+
+    /// What was read so far, and the stream to read the rest from.
+    pub fn into_parts(self) -> (Bytes, I) {
+        (Bytes::from(self.recorded.unwrap_or_default()), self.inner)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Recorder<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(copy)) = (&poll, this.recorded.as_mut()) {
+            copy.extend_from_slice(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Recorder<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,11 @@ pub mod tcp;
 
 use crate::{
     http::{HttpProxy, Shared},
-    metrics::{Direction, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL},
+    identity::Identity,
+    metrics::{
+        Direction, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL,
+        TLS_HANDSHAKES_TOTAL,
+    },
     routing::table::SharedTable,
     settings::Settings,
     shutdown::Drain,
@@ -31,6 +35,8 @@ pub struct Listener {
     loaded: tokio::sync::watch::Receiver<bool>,
     settings: Arc<Settings>,
     http: Arc<Shared>,
+    /// The proxy's certificate, with which inbound mesh mTLS is accepted.
+    identity: Option<Arc<Identity>>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
@@ -42,6 +48,7 @@ impl Listener {
         loaded: tokio::sync::watch::Receiver<bool>,
         table: &SharedTable,
         pool: &Arc<Pool>,
+        identity: Option<Arc<Identity>>,
     ) -> Arc<Listener> {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new());
@@ -57,6 +64,7 @@ impl Listener {
                 pool: pool.clone(),
                 access_log: settings.access_log,
             }),
+            identity,
             h1,
             h2,
         })
@@ -103,7 +111,7 @@ impl Drop for OpenGuard {
     }
 }
 
-async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, mut drain: Drain) {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, drain: Drain) {
     let _ = stream.set_nodelay(true);
     if !*state.loaded.borrow() {
         // Dynamic mode before the first config: hold the connection until it comes.
@@ -147,100 +155,211 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, m
     );
 
     match protocol {
-        Protocol::Http1 => {
-            let service = HttpProxy::new(
-                state.http.clone(),
-                original_dst,
-                peer,
-                protocol,
-                drain.clone(),
-            );
-            let conn = state
-                .h1
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = drain.signaled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, direction, "HTTP/1 connection ended with an error");
-            }
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_http(io, protocol, &state, original_dst, peer, drain).await;
         }
-        Protocol::Http2 => {
-            let service = HttpProxy::new(
-                state.http.clone(),
-                original_dst,
-                peer,
-                protocol,
-                drain.clone(),
-            );
-            let conn = state.h2.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = drain.signaled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, direction, "HTTP/2 connection ended with an error");
+        Protocol::Tls => match (state.direction, mesh_server_config(&state)) {
+            (Direction::Inbound, Some(config)) => {
+                inbound_tls(io, config, &state, original_dst, peer, drain).await;
             }
-        }
-        Protocol::Tls | Protocol::Opaque => {
-            let Some(dst) = original_dst else {
-                tracing::debug!(
-                    direction,
-                    "opaque connection with no original destination; closing"
-                );
-                return;
-            };
-            let mut io = io;
-            // Outbound to a service's cluster IP: one of its endpoints, chosen by
-            // its balancer, where the connection counts as in flight while it
-            // lasts. Anything else goes where the client dialled.
-            let pick = match state.direction {
-                Direction::Outbound => {
-                    let table = state.http.table.load();
-                    let backend = table
-                        .lookup_addr(&dst)
-                        .and_then(|target| table.backend(&target.label));
-                    match backend {
-                        Some(backend) => match backend.current().balancer.pick(None, None) {
-                            Some(pick) => Some(pick),
-                            None => {
-                                tracing::debug!(direction, %dst, "no endpoints for this cluster IP; closing");
-                                return;
-                            }
-                        },
-                        None => None,
-                    }
-                }
-                Direction::Inbound => None,
-            };
-            let target = pick.as_ref().map_or(dst, |pick| pick.addr());
-            let server = match tcp::connect(target, state.settings.connect_timeout).await {
-                Ok(server) => server,
-                Err(error) => {
-                    tracing::debug!(%error, direction, %target, "opaque connect failed; closing");
-                    if let Some(pick) = pick {
-                        pick.finish(Answer::GatewayError);
-                    }
-                    return;
-                }
-            };
-            // Opaque bytes carry no signal for shutdown: they run until either side
-            // closes or the drain timeout ends the process.
-            if let Err(error) = tcp::splice(&mut io, server).await {
-                tracing::debug!(%error, direction, %target, "opaque connection ended with an error");
-            }
-            drop(pick);
-            drop(drain);
+            _ => opaque(io, original_dst, &state, drain).await,
+        },
+        Protocol::Opaque => opaque(io, original_dst, &state, drain).await,
+    }
+}
+
+/// The TLS configuration inbound mesh mTLS is accepted with, once the proxy has a
+/// certificate.
+fn mesh_server_config(state: &Listener) -> Option<Arc<rustls::ServerConfig>> {
+    let credentials = state.identity.as_ref()?.current()?;
+    match crate::tls::server_config(&credentials) {
+        Ok(config) => Some(config),
+        Err(error) => {
+            tracing::warn!(%error, "cannot accept mesh mTLS");
+            None
         }
     }
+}
+
+/// Serves HTTP on one connection (plain, or inside mesh mTLS) until it ends or
+/// the drain asks it to finish.
+async fn serve_http<I>(
+    io: I,
+    protocol: Protocol,
+    state: &Listener,
+    original_dst: Option<SocketAddr>,
+    peer: SocketAddr,
+    mut drain: Drain,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let direction = state.direction.label();
+    let service = HttpProxy::new(
+        state.http.clone(),
+        original_dst,
+        peer,
+        protocol,
+        drain.clone(),
+    );
+    if protocol == Protocol::Http2 {
+        let conn = state.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, direction, "HTTP/2 connection ended with an error");
+        }
+    } else {
+        let conn = state
+            .h1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, direction, "HTTP/1 connection ended with an error");
+        }
+    }
+}
+
+/// TLS arriving at the pod: a ClientHello that asks for mesh mTLS is terminated
+/// here (the caller's certificate required) and what it carries served by its
+/// ALPN; any other TLS is the app's own and passes through untouched.
+async fn inbound_tls<I>(
+    io: I,
+    config: Arc<rustls::ServerConfig>,
+    state: &Listener,
+    original_dst: Option<SocketAddr>,
+    peer: SocketAddr,
+    drain: Drain,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        io::Recorder::new(io),
+    );
+    let mut start = match tokio::time::timeout(state.settings.detect_timeout, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "not a TLS ClientHello; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("no whole ClientHello in time; closing");
+            return;
+        }
+    };
+    let mesh = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(crate::tls::is_mesh_alpn));
+    if !mesh {
+        // The app's own TLS: replay what was read, then pass everything through.
+        let (read, rest) = start.io.into_parts();
+        let replayed = ClientIo::new(
+            read,
+            rest,
+            metrics::Counter::noop(),
+            metrics::Counter::noop(),
+        );
+        return opaque(replayed, original_dst, state, drain).await;
+    }
+    start.io.stop();
+    let tls = match tokio::time::timeout(state.settings.detect_timeout, start.into_stream(config))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            metrics::counter!(TLS_HANDSHAKES_TOTAL, "result" => "refused").increment(1);
+            tracing::info!(%error, %peer, "mesh mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(TLS_HANDSHAKES_TOTAL, "result" => "timeout").increment(1);
+            return;
+        }
+    };
+    metrics::counter!(TLS_HANDSHAKES_TOTAL, "result" => "ok").increment(1);
+    let (_, session) = tls.get_ref();
+    let caller = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| crate::tls::uri_names(leaf))
+        .unwrap_or_default();
+    tracing::debug!(?caller, %peer, "mesh mTLS accepted");
+    match session.alpn_protocol() {
+        Some(crate::tls::ALPN_HTTP2) => {
+            serve_http(tls, Protocol::Http2, state, original_dst, peer, drain).await
+        }
+        Some(crate::tls::ALPN_HTTP1) => {
+            serve_http(tls, Protocol::Http1, state, original_dst, peer, drain).await
+        }
+        _ => opaque(tls, original_dst, state, drain).await,
+    }
+}
+
+/// Opaque bytes: outbound to a service's cluster IP, one of its endpoints, chosen
+/// by its balancer, where the connection counts as in flight while it lasts;
+/// anything else where the client dialled.
+async fn opaque<C>(mut io: C, original_dst: Option<SocketAddr>, state: &Listener, drain: Drain)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let direction = state.direction.label();
+    let Some(dst) = original_dst else {
+        tracing::debug!(
+            direction,
+            "opaque connection with no original destination; closing"
+        );
+        return;
+    };
+    let pick = match state.direction {
+        Direction::Outbound => {
+            let table = state.http.table.load();
+            let backend = table
+                .lookup_addr(&dst)
+                .and_then(|target| table.backend(&target.label));
+            match backend {
+                Some(backend) => match backend.current().balancer.pick(None, None) {
+                    Some(pick) => Some(pick),
+                    None => {
+                        tracing::debug!(direction, %dst, "no endpoints for this cluster IP; closing");
+                        return;
+                    }
+                },
+                None => None,
+            }
+        }
+        Direction::Inbound => None,
+    };
+    let target = pick.as_ref().map_or(dst, |pick| pick.addr());
+    let server = match tcp::connect(target, state.settings.connect_timeout).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::debug!(%error, direction, %target, "opaque connect failed; closing");
+            if let Some(pick) = pick {
+                pick.finish(Answer::GatewayError);
+            }
+            return;
+        }
+    };
+    // Opaque bytes carry no signal for shutdown: they run until either side
+    // closes or the drain timeout ends the process.
+    if let Err(error) = tcp::splice(&mut io, server).await {
+        tracing::debug!(%error, direction, %target, "opaque connection ended with an error");
+    }
+    drop(pick);
+    drop(drain);
 }

@@ -147,21 +147,26 @@ impl RouteTable {
         let mut replacements = Vec::new();
         for service in &config.services {
             let label: Arc<str> = service.authority().into();
-            let endpoints: Vec<SocketAddr> = service.endpoints.iter().map(|e| e.address).collect();
             let policy = service.policy.destination_sections();
             let kept = previous.and_then(|p| p.backends.get(&label));
             let backend = match kept {
                 Some(backend) => {
                     let current = backend.current();
-                    if current.policy != policy || !current.balancer.serves(&endpoints) {
-                        let next =
-                            stack::destination(pool, &label, policy, &endpoints, Some(&current));
+                    if !current.is_for(&policy, &service.endpoints) {
+                        let next = stack::destination(
+                            pool,
+                            &label,
+                            policy,
+                            &service.endpoints,
+                            Some(&current),
+                        );
                         replacements.push((backend.clone(), next));
                     }
                     backend.clone()
                 }
                 None => {
-                    let destination = stack::destination(pool, &label, policy, &endpoints, None);
+                    let destination =
+                        stack::destination(pool, &label, policy, &service.endpoints, None);
                     Arc::new(Backend::new(label.clone(), destination))
                 }
             };

@@ -16,8 +16,11 @@ use super::{
 };
 use crate::upstream::pool::ConnectionLimit;
 use arc_swap::ArcSwap;
-use std::sync::Arc;
-use trellis_proto::model::policy::Policy;
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use trellis_proto::model::{
+    config::{Endpoint, Workload},
+    policy::Policy,
+};
 
 /// One destination service, kept by authority across config versions.
 pub struct Backend {
@@ -34,8 +37,23 @@ pub struct Destination {
     pub breaker: Option<Arc<Breaker>>,
     pub connections: Option<Arc<ConnectionLimit>>,
     pub balancer: Balancer,
+    /// Who answers at each endpoint, where known.
+    pub identities: Arc<HashMap<SocketAddr, Workload>>,
     /// Breaker (when the policy limits requests), then the balancer.
     pub stack: Stack,
+}
+
+impl Destination {
+    /// Whether this is already the destination `policy` and `endpoints` describe.
+    pub fn is_for(&self, policy: &Policy, endpoints: &[Endpoint]) -> bool {
+        let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
+        self.policy == *policy
+            && self.balancer.serves(&addresses)
+            && endpoints
+                .iter()
+                .all(|e| self.identities.get(&e.address) == e.identity.as_ref())
+            && self.identities.len() == endpoints.iter().filter(|e| e.identity.is_some()).count()
+    }
 }
 
 impl Backend {

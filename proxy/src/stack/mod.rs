@@ -38,9 +38,12 @@ use rate_limit::RateLimit;
 use retry::{Retry, RetryCounters};
 use split::Split;
 use stage::{Stack, Stage};
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use timeout::Timeout;
-use trellis_proto::model::policy::Policy;
+use trellis_proto::model::{
+    config::{Endpoint, Workload},
+    policy::Policy,
+};
 
 /// The metric labels of a route: its service and its name.
 pub struct RouteLabels<'a> {
@@ -114,9 +117,15 @@ pub fn destination(
     pool: &Arc<Pool>,
     label: &Arc<str>,
     policy: Policy,
-    endpoints: &[SocketAddr],
+    endpoints: &[Endpoint],
     previous: Option<&Destination>,
 ) -> Destination {
+    let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
+    let identities: HashMap<SocketAddr, Workload> = endpoints
+        .iter()
+        .filter_map(|e| Some((e.address, e.identity.clone()?)))
+        .collect();
+    let endpoints = addresses.as_slice();
     let kept = previous.filter(|p| p.policy == policy);
     let (breaker, connections, balancer) = match kept {
         Some(p) => (
@@ -156,12 +165,14 @@ pub fn destination(
             .and_then(|lb| lb.hash_on.clone()),
         pool: pool.clone(),
         connections: connections.clone(),
+        identities: Arc::new(identities.clone()),
     }));
     Destination {
         policy,
         breaker,
         connections,
         balancer,
+        identities: Arc::new(identities),
         stack: Stack::new(stages),
     }
 }

@@ -10,11 +10,13 @@ use crate::shutdown::Drain;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::{net::SocketAddr, sync::Arc};
+use trellis_proto::model::config::Workload;
 
 /// Sends a request to `addr` on a pooled connection of the request's protocol,
 /// splicing the two sides together when the upstream accepts an upgrade.
 ///
-/// `connections` is the destination's `maxConnections`, when it has one: a new
+/// `peer` is who the endpoint is, when known: the request then goes over mesh
+/// mTLS that proves it. `connections` is the destination's `maxConnections`, when it has one: a new
 /// connection beyond it is refused. An upgraded stream holds the request's
 /// [`Drain`] (if it carried one), so shutdown waits for it as for opaque TCP.
 pub async fn forward(
@@ -22,10 +24,11 @@ pub async fn forward(
     addr: SocketAddr,
     mut req: Req,
     connections: Option<&ConnectionLimit>,
+    peer: Option<&Workload>,
 ) -> Result<Rsp, UpstreamError> {
     if req.version() == http::Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), false);
-        let mut response = pool.send_h2(addr, req, connections).await?;
+        let mut response = pool.send_h2(addr, req, connections, peer).await?;
         strip_hop_by_hop(response.headers_mut(), false);
         return Ok(response.map(|body| ResponseBody::Upstream { body, lease: None }));
     }
@@ -34,7 +37,7 @@ pub async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let drain = req.extensions_mut().remove::<Drain>();
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let (mut response, lease) = pool.send_h1(addr, req, connections).await?;
+    let (mut response, lease) = pool.send_h1(addr, req, connections, peer).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
             strip_hop_by_hop(response.headers_mut(), true);

@@ -6,11 +6,16 @@
 //! A request that fails on a reused connection before any of it was written (the
 //! server closed an idle keep-alive connection) is sent again on a fresh one.
 //!
+//! A request to an endpoint whose identity is known goes over mesh mTLS once the
+//! proxy has a certificate (`crate::tls`), checking that the endpoint is who the
+//! config says; such connections are pooled apart from plaintext ones.
+//!
 //! A destination with `maxConnections` hands its [`ConnectionLimit`] along: each
 //! connection made for it holds a place until the connection closes, and a request
 //! that needs a new connection when none is left is refused (503 `UO`).
 
 use super::request_body::RequestBody;
+use crate::identity::Identity;
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -27,6 +32,7 @@ use tokio::{
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
 };
+use trellis_proto::model::config::Workload;
 
 /// Why an upstream request failed, mapped to a response flag by the caller.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,8 @@ pub enum UpstreamError {
     },
     #[error("backend {backend} is over its connection limit ({limit})")]
     Overflow { backend: Arc<str>, limit: usize },
+    #[error("mTLS with {addr} failed: {message}")]
+    Tls { addr: SocketAddr, message: String },
 }
 
 impl UpstreamError {
@@ -57,7 +65,9 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::Tls { .. }
         )
     }
 
@@ -101,16 +111,23 @@ impl ConnectionLimit {
 /// The most idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// Connections are pooled by endpoint and, for mesh mTLS, by the peer identity they
+/// proved (a hash of it), so a connection is never reused for a peer it was not
+/// checked against.
+type Key = (SocketAddr, Option<u64>);
+
 pub struct Pool {
     connect_timeout: Duration,
-    h1_idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<RequestBody>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<RequestBody>>>,
+    /// The proxy's certificate, for mesh mTLS to endpoints whose identity is known.
+    identity: Option<Arc<Identity>>,
+    h1_idle: Mutex<HashMap<Key, Vec<http1::SendRequest<RequestBody>>>>,
+    h2: Mutex<HashMap<Key, http2::SendRequest<RequestBody>>>,
 }
 
 /// An HTTP/1 connection lent to one request, returned when its response is done.
 pub struct Lease {
     pool: Arc<Pool>,
-    addr: SocketAddr,
+    key: Key,
     sender: http1::SendRequest<RequestBody>,
 }
 
@@ -121,7 +138,7 @@ impl Lease {
             return;
         }
         let mut idle = lock(&self.pool.h1_idle);
-        let list = idle.entry(self.addr).or_default();
+        let list = idle.entry(self.key).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push(self.sender);
         }
@@ -137,14 +154,80 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Pool {
     pub fn new(connect_timeout: Duration) -> Arc<Pool> {
+        Pool::meshed(connect_timeout, None)
+    }
+
+    /// A pool that speaks mesh mTLS with `identity`'s certificate.
+    pub fn meshed(connect_timeout: Duration, identity: Option<Arc<Identity>>) -> Arc<Pool> {
         Arc::new(Pool {
             connect_timeout,
+            identity,
             h1_idle: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         })
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    /// The pool a request to `addr` takes: mesh mTLS with `peer` when the
+    /// endpoint's identity is known and the proxy has a certificate, else plaintext.
+    fn key(&self, addr: SocketAddr, peer: Option<&Workload>) -> Key {
+        let meshed = self
+            .identity
+            .as_ref()
+            .is_some_and(|identity| identity.current().is_some());
+        let peer = peer.filter(|_| meshed).map(|workload| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            workload.hash(&mut hasher);
+            hasher.finish()
+        });
+        (addr, peer)
+    }
+
+    /// The mTLS configuration for a new connection of pool `key` to `peer`;
+    /// plaintext (`None`) when the key says so.
+    fn mtls(
+        &self,
+        key: Key,
+        peer: Option<&Workload>,
+        alpn: &[u8],
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, UpstreamError> {
+        let addr = key.0;
+        let (Some(_), Some(peer), Some(credentials)) = (
+            key.1,
+            peer,
+            self.identity
+                .as_ref()
+                .and_then(|identity| identity.current()),
+        ) else {
+            return Ok(None);
+        };
+        let trust_domain = credentials
+            .identity
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        crate::tls::client_config(&credentials, &peer.spiffe_id(trust_domain), alpn)
+            .map(Some)
+            .map_err(|message| UpstreamError::Tls { addr, message })
+    }
+
+    /// `io` inside mesh mTLS with `config`.
+    async fn handshake_tls(
+        addr: SocketAddr,
+        io: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, io)
+            .await
+            .map_err(|error| UpstreamError::Tls {
+                addr,
+                message: error.to_string(),
+            })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout {
@@ -153,13 +236,13 @@ impl Pool {
             })?
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
     /// Takes an idle HTTP/1 connection that is still usable, if there is one.
-    async fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
+    async fn checkout_h1(&self, key: Key) -> Option<http1::SendRequest<RequestBody>> {
         loop {
-            let mut sender = lock(&self.h1_idle).get_mut(&addr)?.pop()?;
+            let mut sender = lock(&self.h1_idle).get_mut(&key)?.pop()?;
             // Ready at once if idle; waits out a response the server is finishing;
             // fails if the server closed it.
             if sender.ready().await.is_ok() {
@@ -171,21 +254,18 @@ impl Pool {
     async fn connect_h1(
         &self,
         addr: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
         limit: Option<&ConnectionLimit>,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let place = limit.map(ConnectionLimit::take).transpose()?;
         let io = self.connect(addr).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            let _place = place;
-            if let Err(error) = conn.with_upgrades().await {
-                tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+        match tls {
+            Some(config) => {
+                let io = Pool::handshake_tls(addr, io, config).await?;
+                handshake_h1(addr, TokioIo::new(io), place).await
             }
-        });
-        Ok(sender)
+            None => handshake_h1(addr, TokioIo::new(io), place).await,
+        }
     }
 
     /// Sends an HTTP/1 request; the lease must be released once the response body
@@ -195,17 +275,22 @@ impl Pool {
         addr: SocketAddr,
         mut req: Request<RequestBody>,
         limit: Option<&ConnectionLimit>,
+        peer: Option<&Workload>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let key = self.key(addr, peer);
         loop {
-            let (mut sender, reused) = match self.checkout_h1(addr).await {
+            let (mut sender, reused) = match self.checkout_h1(key).await {
                 Some(sender) => (sender, true),
-                None => (self.connect_h1(addr, limit).await?, false),
+                None => {
+                    let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
+                    (self.connect_h1(addr, tls, limit).await?, false)
+                }
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     let lease = Lease {
                         pool: self.clone(),
-                        addr,
+                        key,
                         sender,
                     };
                     return Ok((response, lease));
@@ -230,28 +315,24 @@ impl Pool {
         addr: SocketAddr,
         req: Request<RequestBody>,
         limit: Option<&ConnectionLimit>,
+        peer: Option<&Workload>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let existing = lock(&self.h2)
-            .get(&addr)
-            .filter(|s| !s.is_closed())
-            .cloned();
+        let key = self.key(addr, peer);
+        let existing = lock(&self.h2).get(&key).filter(|s| !s.is_closed()).cloned();
         let mut sender = match existing {
             Some(sender) => sender,
             None => {
+                let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP2)?;
                 let place = limit.map(ConnectionLimit::take).transpose()?;
                 let io = self.connect(addr).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(|source| UpstreamError::Handshake { addr, source })?;
-                tokio::spawn(async move {
-                    let _place = place;
-                    if let Err(error) = conn.await {
-                        tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+                let sender = match tls {
+                    Some(config) => {
+                        let io = Pool::handshake_tls(addr, io, config).await?;
+                        handshake_h2(addr, TokioIo::new(io), place).await?
                     }
-                });
-                lock(&self.h2).insert(addr, sender.clone());
+                    None => handshake_h2(addr, TokioIo::new(io), place).await?,
+                };
+                lock(&self.h2).insert(key, sender.clone());
                 sender
             }
         };
@@ -264,6 +345,52 @@ impl Pool {
             .await
             .map_err(|source| UpstreamError::Reset { addr, source })
     }
+}
+
+/// An HTTP/1 client connection on `io`, driven by a task of its own, which holds
+/// `place` (the destination's connection limit) while it lives.
+async fn handshake_h1<I>(
+    addr: SocketAddr,
+    io: I,
+    place: Option<OwnedSemaphorePermit>,
+) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let _place = place;
+        if let Err(error) = conn.with_upgrades().await {
+            tracing::debug!(%addr, %error, "upstream HTTP/1 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// An HTTP/2 client connection on `io`, as [`handshake_h1`].
+async fn handshake_h2<I>(
+    addr: SocketAddr,
+    io: I,
+    place: Option<OwnedSemaphorePermit>,
+) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let _place = place;
+        if let Err(error) = conn.await {
+            tracing::debug!(%addr, %error, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 #[cfg(test)]
@@ -306,11 +433,11 @@ mod tests {
         let (addr, connections) = server().await;
         let pool = Pool::new(Duration::from_secs(5));
         let limit = ConnectionLimit::new(1, "web.default:80".into());
-        let (first, lease) = pool.send_h1(addr, get(), Some(&limit)).await.unwrap();
+        let (first, lease) = pool.send_h1(addr, get(), Some(&limit), None).await.unwrap();
         assert_eq!(first.status(), 200);
 
         // The one connection is lent out: a second request would need another.
-        let Err(refused) = pool.send_h1(addr, get(), Some(&limit)).await else {
+        let Err(refused) = pool.send_h1(addr, get(), Some(&limit), None).await else {
             panic!("a second connection was opened");
         };
         assert!(refused.is_overflow(), "{refused}");
@@ -322,13 +449,13 @@ mod tests {
         // Once it is back in the pool, the next request takes it.
         drop(first);
         lease.release();
-        let (again, _lease) = pool.send_h1(addr, get(), Some(&limit)).await.unwrap();
+        let (again, _lease) = pool.send_h1(addr, get(), Some(&limit), None).await.unwrap();
         assert_eq!(again.status(), 200);
         assert_eq!(connections.load(Ordering::SeqCst), 1);
 
         // Without a limit the same pool opens as many as it needs.
-        let (_a, _la) = pool.send_h1(addr, get(), None).await.unwrap();
-        let (_b, _lb) = pool.send_h1(addr, get(), None).await.unwrap();
+        let (_a, _la) = pool.send_h1(addr, get(), None, None).await.unwrap();
+        let (_b, _lb) = pool.send_h1(addr, get(), None, None).await.unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 3);
     }
 }

@@ -30,6 +30,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
+use trellis_proto::model::config::Workload;
 use trellis_proto::model::policy::{BalancerType, HashOn, LoadBalancer, OutlierDetection};
 
 pub use ring::hash_key;
@@ -379,6 +380,9 @@ pub struct Balance {
     pub pool: Arc<Pool>,
     /// `maxConnections` of the destination, enforced where connections are made.
     pub connections: Option<Arc<crate::upstream::pool::ConnectionLimit>>,
+    /// Who answers at each endpoint, where that is known: such requests go over
+    /// mesh mTLS that proves it.
+    pub identities: Arc<HashMap<SocketAddr, Workload>>,
 }
 
 impl Balance {
@@ -417,7 +421,8 @@ impl Stage for Balance {
                 });
             };
             let addr = pick.addr();
-            match forward(&self.pool, addr, req, self.connections.as_deref()).await {
+            let peer = self.identities.get(&addr);
+            match forward(&self.pool, addr, req, self.connections.as_deref(), peer).await {
                 Ok(mut response) => {
                     pick.finish(match response.status().as_u16() {
                         502..=504 => Answer::GatewayError,
