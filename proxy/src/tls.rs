@@ -191,3 +191,85 @@ impl ServerCertVerifier for SpiffeVerifier {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+
+    /// A root and a leaf it signed for `uri`, as DER.
+    fn chain(uri: &str) -> (Vec<u8>, Vec<u8>) {
+        let root_key = KeyPair::generate().unwrap();
+        let mut root = CertificateParams::default();
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = Issuer::new(root, root_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![SanType::URI(uri.to_owned().try_into().unwrap())];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        (root_cert.der().to_vec(), leaf_cert.der().to_vec())
+    }
+
+    fn verifier(root: &[u8], expected: &str) -> SpiffeVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(root.to_vec())).unwrap();
+        SpiffeVerifier {
+            roots: Arc::new(roots),
+            expected: expected.to_owned(),
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+
+    fn check(verifier: &SpiffeVerifier, leaf: &[u8]) -> Result<(), String> {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        verifier
+            .verify_server_cert(
+                &CertificateDer::from(leaf.to_vec()),
+                &[],
+                &name,
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_peer_must_chain_to_the_roots_and_be_the_identity_expected() {
+        let reviews = "spiffe://cluster.local/ns/shop/sa/reviews";
+        let (root, leaf) = chain(reviews);
+        assert_eq!(uri_names(&leaf), [reviews]);
+        assert!(check(&verifier(&root, reviews), &leaf).is_ok());
+        // Someone else, from the same roots.
+        let error = check(
+            &verifier(&root, "spiffe://cluster.local/ns/shop/sa/other"),
+            &leaf,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("not spiffe://cluster.local/ns/shop/sa/other"),
+            "{error}"
+        );
+        // The right name, from another CA.
+        let (other_root, _) = chain(reviews);
+        let error = check(&verifier(&other_root, reviews), &leaf).unwrap_err();
+        assert!(error.contains("chain"), "{error}");
+    }
+
+    #[test]
+    fn mesh_alpns_are_told_from_the_apps_own() {
+        for alpn in [ALPN_HTTP1, ALPN_HTTP2, ALPN_OPAQUE] {
+            assert!(is_mesh_alpn(alpn));
+        }
+        assert!(!is_mesh_alpn(b"h2"));
+        assert!(!is_mesh_alpn(b"http/1.1"));
+    }
+}
