@@ -52,6 +52,12 @@ impl Identity {
         self.current.load_full()
     }
 
+    /// Whether there is a certificate, without taking a reference to it (asked
+    /// on every request).
+    pub fn is_certified(&self) -> bool {
+        self.current.load().is_some()
+    }
+
     /// What `/config_dump` shows: who the certificate says the proxy is, its
     /// serial and expiry; never the key.
     pub fn dump(&self) -> serde_json::Value {

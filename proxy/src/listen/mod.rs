@@ -9,7 +9,7 @@ pub mod tcp;
 
 use crate::{
     http::{HttpProxy, Shared},
-    identity::Identity,
+    identity::{Credentials, Identity},
     metrics::{
         Direction, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL,
         TLS_HANDSHAKES_TOTAL,
@@ -20,6 +20,7 @@ use crate::{
     stack::balance::outlier::Answer,
     upstream::pool::Pool,
 };
+use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use detect::Protocol;
 use hyper::server::conn::{http1, http2};
@@ -37,6 +38,8 @@ pub struct Listener {
     http: Arc<Shared>,
     /// The proxy's certificate, with which inbound mesh mTLS is accepted.
     identity: Option<Arc<Identity>>,
+    /// The TLS configuration of the current certificate, and that certificate.
+    server_config: ArcSwapOption<(Arc<Credentials>, Arc<rustls::ServerConfig>)>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
@@ -65,6 +68,7 @@ impl Listener {
                 access_log: settings.access_log,
             }),
             identity,
+            server_config: ArcSwapOption::empty(),
             h1,
             h2,
         })
@@ -172,8 +176,20 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, d
 /// certificate.
 fn mesh_server_config(state: &Listener) -> Option<Arc<rustls::ServerConfig>> {
     let credentials = state.identity.as_ref()?.current()?;
+    // Built once per certificate, not per connection.
+    if let Some(built) = &*state.server_config.load() {
+        let (built_for, config) = &**built;
+        if Arc::ptr_eq(built_for, &credentials) {
+            return Some(config.clone());
+        }
+    }
     match crate::tls::server_config(&credentials) {
-        Ok(config) => Some(config),
+        Ok(config) => {
+            state
+                .server_config
+                .store(Some(Arc::new((credentials, config.clone()))));
+            Some(config)
+        }
         Err(error) => {
             tracing::warn!(%error, "cannot accept mesh mTLS");
             None

@@ -173,7 +173,7 @@ impl Pool {
         let meshed = self
             .identity
             .as_ref()
-            .is_some_and(|identity| identity.current().is_some());
+            .is_some_and(|identity| identity.is_certified());
         let peer = peer.filter(|_| meshed).map(|workload| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
