@@ -175,16 +175,6 @@ pub struct PolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// A ServerPolicy's `mtls` mode. Checked during translation; not yet enforced.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum MtlsMode {
-    Strict,
-    #[default]
-    Permissive,
-    Disable,
-}
-
 /// A ServerPolicy's `authorization`. Checked during translation; not yet enforced.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

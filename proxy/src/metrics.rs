@@ -25,6 +25,7 @@ pub const OUTLIER_EJECTIONS_TOTAL: &str = "trellis_outlier_ejections_total";
 pub const ENDPOINTS_EJECTED: &str = "trellis_endpoints_ejected";
 pub const CONFIG_RELOADS_TOTAL: &str = "trellis_config_reloads_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
+pub const MTLS_REFUSED_TOTAL: &str = "trellis_mtls_refused_total";
 
 /// Says what every metric means, so `/metrics` carries a `# HELP` line for each.
 fn describe() {
@@ -92,6 +93,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKES_TOTAL,
         "Mesh mTLS handshakes, by direction and result (ok, refused, timeout, error)"
+    );
+    describe_counter!(
+        MTLS_REFUSED_TOTAL,
+        "Inbound connections a STRICT port refused, by reason (plaintext, not_mesh)"
     );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
@@ -177,6 +182,7 @@ mod tests {
                 CONFIG_RELOADS_TOTAL,
                 crate::identity::RENEWALS_TOTAL,
                 TLS_HANDSHAKES_TOTAL,
+                MTLS_REFUSED_TOTAL,
             ] {
                 metrics::counter!(name).increment(1);
             }
@@ -191,7 +197,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(types.len(), 17, "{text}");
+        assert_eq!(types.len(), 18, "{text}");
         for name in types {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

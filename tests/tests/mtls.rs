@@ -2,8 +2,9 @@
 //! control plane acting as the mesh CA; the client's sidecar, knowing from the
 //! EndpointSlice's pod who answers at the endpoint, calls it over mesh mTLS and
 //! checks the peer is that identity; the server's sidecar terminates it, takes the
-//! caller's certificate, and hands the request to the app as before. A peer that is
-//! not who the config says is refused.
+//! caller's certificate, and hands the request to the app as before. A STRICT port
+//! refuses callers without mesh mTLS; a peer that is not who the config says is
+//! refused by the caller.
 
 use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
@@ -28,6 +29,14 @@ metadata: {name: reviews-1, namespace: shop, labels: {kubernetes.io/service-name
 addressType: IPv4
 endpoints: [{addresses: [198.18.0.3], targetRef: {kind: Pod, name: server, namespace: shop}}]
 ports: [{name: http, port: 8080}]
+";
+
+const STRICT: &str = "apiVersion: policy.trellis.dev/v1alpha1
+kind: ServerPolicy
+metadata: {name: reviews, namespace: shop}
+spec:
+  targetRefs: [{group: '', kind: Service, name: reviews}]
+  mtls: STRICT
 ";
 
 fn pod(service_account: &str) -> String {
@@ -72,7 +81,9 @@ async fn meshed(pod: &Pod, name: &str, cp: &ControlPlane, anchors: &str, token: 
 
 #[tokio::test]
 async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_names() {
-    let net = Network::new(3);
+    // Pods: client (0), server (1), control plane (2), and a caller outside the
+    // mesh (3, no sidecar).
+    let net = Network::new(4);
     let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
     let secrets = TempDir::new("mtls");
     let ca_dir = secrets.0.join("ca");
@@ -133,6 +144,35 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
         &[("direction", "inbound"), ("protocol", "tls")],
     );
     assert!(inbound_tls >= 1.0);
+
+    // PERMISSIVE, the default: a caller outside the mesh still gets through.
+    let app: SocketAddr = "198.18.0.3:8080".parse().unwrap();
+    let outsider = || async {
+        get_with_host(net.pod(3), app, "/", "reviews")
+            .await
+            .map(|(status, _, _)| status.as_u16())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(outsider().await, Ok(200));
+    // STRICT: only mesh mTLS.
+    cp.write("strict.yaml", STRICT);
+    until(LIMIT, "the outsider refused by the STRICT port", || async {
+        match outsider().await {
+            Err(_) => Ok(()),
+            Ok(status) => Err(format!("still answered {status}")),
+        }
+    })
+    .await;
+    let refused = server
+        .metrics()
+        .await
+        .sum("trellis_mtls_refused_total", &[("reason", "plaintext")]);
+    assert!(refused >= 1.0);
+    assert_eq!(
+        call().await.map(|(status, _)| status),
+        Ok(200),
+        "mTLS still passes"
+    );
 
     // The pod behind the endpoint now says it runs as another account: the server's
     // certificate no longer proves what the config expects, so the client's

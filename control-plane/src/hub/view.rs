@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
-use trellis_proto::model::config::{self as model, InboundPort};
+use trellis_proto::model::config::{self as model, InboundPort, MtlsMode};
 use trellis_proto::model::policy::RateLimit;
 use trellis_proto::model::resources;
 
@@ -224,25 +224,28 @@ fn reachable<'a>(services: &'a [model::Service], namespaces: &[String]) -> Vec<&
     keep.into_iter().map(|i| &services[i]).collect()
 }
 
+/// What one ServerPolicy says of one pod port.
+type PortPolicy = (Option<RateLimit>, Option<MtlsMode>);
+
 /// Who gets which inbound limits, so that a proxy's view costs a few lookups
 /// rather than a pass over every limit.
 #[derive(Debug, Default)]
 struct InboundIndex {
-    /// Per pod: pod port -> (precedence, limit).
-    by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, RateLimit)>>,
+    /// Per pod: pod port -> (precedence, what the policy says).
+    by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, PortPolicy)>>,
 }
 
 impl InboundIndex {
     /// `limits` in precedence order: the first to claim a pod's port keeps it.
     fn new(limits: &[InboundLimit]) -> InboundIndex {
-        let mut by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, RateLimit)>> = HashMap::new();
+        let mut by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, PortPolicy)>> = HashMap::new();
         for limit in limits {
             for pod in &limit.pods {
                 by_pod
                     .entry(pod.clone())
                     .or_default()
                     .entry(limit.port)
-                    .or_insert_with(|| (limit.precedence, limit.rate_limit.clone()));
+                    .or_insert_with(|| (limit.precedence, (limit.rate_limit.clone(), limit.mtls)));
             }
         }
         InboundIndex { by_pod }
@@ -250,7 +253,7 @@ impl InboundIndex {
 
     /// The inbound limits of one pod, known by name and (if it has one) by IP.
     fn for_pod(&self, namespace: &str, pod: &str, pod_ip: &str) -> Vec<InboundPort> {
-        let mut ports: BTreeMap<NonZeroU16, (usize, RateLimit)> = BTreeMap::new();
+        let mut ports: BTreeMap<NonZeroU16, (usize, PortPolicy)> = BTreeMap::new();
         let mut keys = vec![PodKey::Name {
             namespace: namespace.to_owned(),
             name: pod.to_owned(),
@@ -268,9 +271,10 @@ impl InboundIndex {
         }
         ports
             .into_iter()
-            .map(|(port, (_, limit))| InboundPort {
+            .map(|(port, (_, (rate_limit, mtls)))| InboundPort {
                 port,
-                rate_limit: Some(limit),
+                rate_limit,
+                mtls,
             })
             .collect()
     }

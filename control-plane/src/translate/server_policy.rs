@@ -24,14 +24,16 @@ use super::problem::{
 };
 use super::service::{is_dns_label, port_number, slice_port};
 use super::traffic_policy::{resolve_target, Target};
-use crate::crd::{Authorization, MtlsMode, ServerPolicy};
+use crate::crd::{Authorization, ServerPolicy};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use trellis_proto::model::config as model;
+use trellis_proto::model::config::MtlsMode;
 use trellis_proto::model::policy::RateLimit;
 
-/// An accepted ServerPolicy's rate limit on one port of the pods behind a Service.
+/// An accepted ServerPolicy's rate limit and mTLS mode on one port of the pods
+/// behind a Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboundLimit {
     /// Lower wins when two limits cover one pod port: a policy that names its
@@ -41,7 +43,8 @@ pub struct InboundLimit {
     pub port: NonZeroU16,
     /// The pods it is for: the endpoints of one EndpointSlice, ready or not.
     pub pods: Vec<PodKey>,
-    pub rate_limit: RateLimit,
+    pub rate_limit: Option<RateLimit>,
+    pub mtls: Option<MtlsMode>,
 }
 
 /// A pod as an EndpointSlice endpoint names it.
@@ -59,7 +62,8 @@ struct InboundRule {
     service: Key,
     /// Service ports.
     ports: Vec<NonZeroU16>,
-    rate_limit: RateLimit,
+    rate_limit: Option<RateLimit>,
+    mtls: Option<MtlsMode>,
 }
 
 const SERVER_POLICY_FIELDS: &str = "targetRefs, ports, mtls, rateLimit, authorization";
@@ -142,6 +146,7 @@ fn inbound_limits(rules: &[InboundRule], index: &Index) -> Vec<InboundLimit> {
                         port: pod_port,
                         pods,
                         rate_limit: rule.rate_limit.clone(),
+                        mtls: rule.mtls,
                     });
                 }
             }
@@ -169,11 +174,24 @@ fn translate_server_policy(
             )),
         }
     }
-    if let Some(mtls) = spec.mtls.clone().filter(|v| !v.is_null()) {
-        if let Err(problem) = parse_value::<MtlsMode>(mtls, "spec.mtls") {
-            problems.push(problem);
-        }
-    }
+    let mtls = match spec.mtls.clone().filter(|v| !v.is_null()) {
+        None => None,
+        Some(value) => match parse_value::<MtlsMode>(value, "spec.mtls") {
+            Ok(MtlsMode::Disable) => {
+                problems.push(invalid(
+                    "UnsupportedValue",
+                    "spec.mtls",
+                    "DISABLE is not supported yet: use PERMISSIVE, which also accepts plaintext",
+                ));
+                None
+            }
+            Ok(mode) => Some(mode),
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        },
+    };
     let rate_limit = match spec.rate_limit.clone().filter(|v| !v.is_null()) {
         None => None,
         Some(value) => match parse_value::<RateLimit>(value, "spec.rateLimit") {
@@ -233,11 +251,12 @@ fn translate_server_policy(
                 .filter(|p| section.is_none_or(|s| s == p.get()))
                 .filter(|p| spec.ports.is_none() || listed.iter().any(|(_, l)| l == p))
                 .collect();
-            if let Some(rate_limit) = &rate_limit {
+            if rate_limit.is_some() || mtls.is_some() {
                 rules.push(InboundRule {
                     service: service.clone(),
                     ports,
                     rate_limit: rate_limit.clone(),
+                    mtls,
                 });
             }
         }
@@ -314,7 +333,8 @@ mod tests {
             precedence,
             port,
             pods,
-            rate_limit,
+            rate_limit: Some(rate_limit),
+            mtls,
         }] = t.inbound.as_slice()
         else {
             panic!("{:?}", t.inbound);
@@ -322,6 +342,7 @@ mod tests {
         assert_eq!((*precedence, port.get()), (0, 9080));
         assert_eq!(rate_limit.max_tokens.0, 1000);
         assert_eq!(rate_limit.fill_interval, Duration::from_secs(1));
+        assert_eq!(*mtls, Some(trellis_proto::model::config::MtlsMode::Strict));
         let name = |name: &str| PodKey::Name {
             namespace: "shop".into(),
             name: name.into(),
@@ -338,6 +359,24 @@ mod tests {
                 name("reviews-v2-1"),
             ]
         );
+    }
+
+    #[test]
+    fn disable_is_refused_until_callers_can_be_told_not_to_originate_mtls() {
+        let t = translate(&objects(&format!(
+            "{SHOP}{}",
+            SERVER_POLICY_YAML.replace("mtls: STRICT", "mtls: DISABLE")
+        )));
+        let status = t.status(SERVER_POLICY, "shop", "reviews").unwrap();
+        assert!(!status.accepted);
+        assert!(
+            status
+                .message
+                .starts_with("spec.mtls: DISABLE is not supported yet"),
+            "{}",
+            status.message
+        );
+        assert!(t.inbound.is_empty());
     }
 
     #[test]

@@ -29,6 +29,22 @@ pub struct InboundPort {
     pub port: NonZeroU16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<super::policy::RateLimit>,
+    /// Which callers the port accepts: absent is PERMISSIVE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
+}
+
+/// What a pod's port accepts from its callers (ServerPolicy `mtls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Only mesh mTLS: plaintext and any other TLS are refused.
+    Strict,
+    /// Mesh mTLS and plaintext both.
+    #[default]
+    Permissive,
+    /// No mesh mTLS (not supported yet: refused by the control plane).
+    Disable,
 }
 
 /// A named service: requests whose authority names it (`name.namespace:port`, or the

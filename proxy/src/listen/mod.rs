@@ -11,8 +11,8 @@ use crate::{
     http::{HttpProxy, Shared},
     identity::{Credentials, Identity},
     metrics::{
-        Direction, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL,
-        TLS_HANDSHAKES_TOTAL,
+        Direction, MTLS_REFUSED_TOTAL, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN,
+        TCP_CONNECTIONS_TOTAL, TLS_HANDSHAKES_TOTAL,
     },
     routing::table::SharedTable,
     settings::Settings,
@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use io::ClientIo;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
+use trellis_proto::model::config::MtlsMode;
 
 /// Everything a connection handler needs, shared by all of one listener's connections.
 pub struct Listener {
@@ -158,18 +159,33 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, d
         metrics::counter!(TCP_BYTES_TOTAL, "direction" => direction, "protocol" => protocol.label(), "flow" => "server_to_client"),
     );
 
+    // A STRICT port of the pod takes mesh mTLS only.
+    let strict = state.direction == Direction::Inbound
+        && original_dst.is_some_and(|dst| {
+            state.http.table.load().inbound_mtls(dst.port()) == MtlsMode::Strict
+        });
     match protocol {
+        Protocol::Http1 | Protocol::Http2 | Protocol::Opaque if strict => {
+            refuse_strict("plaintext", peer);
+        }
         Protocol::Http1 | Protocol::Http2 => {
             serve_http(io, protocol, &state, original_dst, peer, drain).await;
         }
         Protocol::Tls => match (state.direction, mesh_server_config(&state)) {
             (Direction::Inbound, Some(config)) => {
-                inbound_tls(io, config, &state, original_dst, peer, drain).await;
+                inbound_tls(io, config, strict, &state, original_dst, peer, drain).await;
             }
+            _ if strict => refuse_strict("not_mesh", peer),
             _ => opaque(io, original_dst, &state, drain).await,
         },
         Protocol::Opaque => opaque(io, original_dst, &state, drain).await,
     }
+}
+
+/// Closes a connection a STRICT port does not take, saying why.
+fn refuse_strict(reason: &'static str, peer: SocketAddr) {
+    metrics::counter!(MTLS_REFUSED_TOTAL, "reason" => reason).increment(1);
+    tracing::info!(reason, %peer, "refused by a STRICT port: only mesh mTLS is accepted");
 }
 
 /// The TLS configuration inbound mesh mTLS is accepted with, once the proxy has a
@@ -255,6 +271,7 @@ async fn serve_http<I>(
 async fn inbound_tls<I>(
     io: I,
     config: Arc<rustls::ServerConfig>,
+    strict: bool,
     state: &Listener,
     original_dst: Option<SocketAddr>,
     peer: SocketAddr,
@@ -281,6 +298,9 @@ async fn inbound_tls<I>(
         .client_hello()
         .alpn()
         .is_some_and(|mut protocols| protocols.any(crate::tls::is_mesh_alpn));
+    if !mesh && strict {
+        return refuse_strict("not_mesh", peer);
+    }
     if !mesh {
         // The app's own TLS: replay what was read, then pass everything through.
         let (read, rest) = start.io.into_parts();

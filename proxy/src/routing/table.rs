@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use http::Request;
 use serde_json::json;
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
-use trellis_proto::model::config::{Config, Route, Service};
+use trellis_proto::model::config::{Config, MtlsMode, Route, Service};
 use trellis_proto::model::policy::{Policy, RateLimit as RateLimitConfig};
 
 /// The DNS suffix of services inside the cluster.
@@ -315,6 +315,16 @@ impl RouteTable {
     /// The rate limit on calls to one of the pod's own ports.
     pub fn inbound_limit(&self, port: u16) -> Option<&RateLimit> {
         self.inbound.get(&port).map(|(_, limiter)| &**limiter)
+    }
+
+    /// What one of the pod's own ports accepts from callers.
+    pub fn inbound_mtls(&self, port: u16) -> MtlsMode {
+        self.config
+            .inbound
+            .iter()
+            .find(|p| p.port.get() == port)
+            .and_then(|p| p.mtls)
+            .unwrap_or_default()
     }
 
     /// A destination by its `name.namespace:port` label.
