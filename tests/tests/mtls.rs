@@ -102,18 +102,7 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
         token_file("client", "client-token"),
         token_file("server", "server-token"),
     );
-    let args = [
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--bootstrap-tokens",
-        tokens.to_str().unwrap(),
-    ];
-    let cp = ControlPlane::start_with(
-        net.pod(2),
-        &[("mesh.yaml", MESH), ("pod.yaml", &pod("reviews"))],
-        &args,
-    )
-    .await;
+    let cp = issuing_control_plane(&net, &ca_dir, &tokens).await;
     let anchors = ca_dir.join("ca.crt").to_str().unwrap().to_owned();
     let server = meshed(net.pod(1), "server", &cp, &anchors, &server_token).await;
     let client = meshed(net.pod(0), "client", &cp, &anchors, &client_token).await;
@@ -189,4 +178,137 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
     let reason = refused["x-trellis-error"].to_str().unwrap();
     assert!(reason.contains("/ns/shop/sa/impostor"), "{reason}");
     let _ = &client;
+}
+
+#[tokio::test]
+async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_spiffe_identity() {
+    let net = Network::new(3);
+    let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
+    let secrets = TempDir::new("s-client");
+    let ca_dir = secrets.0.join("ca");
+    let tokens = secrets.0.join("tokens");
+    std::fs::write(&tokens, "server-token shop/reviews\n").unwrap();
+    let server_token = secrets.0.join("server");
+    std::fs::write(&server_token, "server-token").unwrap();
+    let cp = issuing_control_plane(&net, &ca_dir, &tokens).await;
+    let anchors = ca_dir.join("ca.crt");
+    let _server = meshed(
+        net.pod(1),
+        "server",
+        &cp,
+        anchors.to_str().unwrap(),
+        server_token.to_str().unwrap(),
+    )
+    .await;
+
+    // A client certificate from the mesh CA, as a proxy would hold one.
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&anchors).unwrap(), ca_key)
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+            .to_owned()
+            .try_into()
+            .unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert_file, key_file) = (secrets.0.join("client.pem"), secrets.0.join("client.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+
+    let mut child = net
+        .pod(0)
+        .command("openssl")
+        .args(["s_client", "-connect", "198.18.0.3:8080", "-tls1_3"])
+        .args([
+            "-alpn",
+            "trellis.dev/http1",
+            "-showcerts",
+            "-verify_return_error",
+        ])
+        .arg("-cert")
+        .arg(&cert_file)
+        .arg("-key")
+        .arg(&key_file)
+        .arg("-CAfile")
+        .arg(&anchors)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = child.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        stdin
+            .write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+            .unwrap();
+    }
+    // stdin stays open until openssl is done with the server's answer.
+    let output = tokio::task::spawn_blocking(move || {
+        let output = child.wait_with_output();
+        drop(stdin);
+        output
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let all = format!("{stdout}{stderr}");
+    assert!(all.contains("TLSv1.3"), "{all}");
+    assert!(all.contains("ALPN protocol: trellis.dev/http1"), "{all}");
+    assert!(
+        all.contains("HTTP/1.1 200"),
+        "the app answered inside: {all}"
+    );
+    // The server's certificate: its only name is its SPIFFE identity.
+    let begin = stdout
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate shown");
+    let end = stdout[begin..].find("-----END CERTIFICATE-----").unwrap() + begin + 25;
+    let server_cert = pem::parse(&stdout[begin..end]).unwrap();
+    let (_, parsed) = x509_parser::parse_x509_certificate(server_cert.contents()).unwrap();
+    let names: Vec<String> = parsed
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => format!("uri:{uri}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["uri:spiffe://cluster.local/ns/shop/sa/reviews"],
+        "{all}"
+    );
+}
+
+/// A control plane on pod 2 that is the mesh's CA and knows the `reviews` pod.
+async fn issuing_control_plane(
+    net: &Network,
+    ca_dir: &std::path::Path,
+    tokens: &std::path::Path,
+) -> ControlPlane {
+    let args = [
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--bootstrap-tokens",
+        tokens.to_str().unwrap(),
+    ];
+    ControlPlane::start_with(
+        net.pod(2),
+        &[("mesh.yaml", MESH), ("pod.yaml", &pod("reviews"))],
+        &args,
+    )
+    .await
 }
