@@ -13,7 +13,7 @@ use crate::{
 };
 use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use gateway_api::apis::standard::httproutes::HttpRoute;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::{
     api::{Patch, PatchParams},
     Api, Client, Resource, ResourceExt,
@@ -106,25 +106,15 @@ async fn write_snapshot(
                 let Some(object) = sources.traffic_policies.get(namespace, name) else {
                     continue;
                 };
-                let old = object
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                policy_patch(status, object.meta().generation, &old, &now)
-                    .map(|patch| (patch, object.resource_version().unwrap_or_default()))
+                let old = object.status.as_ref().map(|s| &s.conditions[..]);
+                policy_patch(status, object.meta(), old.unwrap_or_default(), &now)
             }
             translate::SERVER_POLICY => {
                 let Some(object) = sources.server_policies.get(namespace, name) else {
                     continue;
                 };
-                let old = object
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                policy_patch(status, object.meta().generation, &old, &now)
-                    .map(|patch| (patch, object.resource_version().unwrap_or_default()))
+                let old = object.status.as_ref().map(|s| &s.conditions[..]);
+                policy_patch(status, object.meta(), old.unwrap_or_default(), &now)
             }
             translate::HTTP_ROUTE => {
                 let Some(route) = sources.http_routes.get(namespace, name) else {
@@ -199,18 +189,20 @@ async fn write_snapshot(
     });
 }
 
-/// The merge patch for a policy's status, or None when it is already so.
+/// The merge patch for a policy's status and the resource version it was planned
+/// against, or None when the status is already so.
 fn policy_patch(
     status: &ObjectStatus,
-    generation: Option<i64>,
+    meta: &ObjectMeta,
     old: &[Condition],
     now: &Time,
-) -> Option<Value> {
-    let new = conditions(status, generation, old, now);
+) -> Option<(Value, String)> {
+    let new = conditions(status, meta.generation, old, now);
     if same_conditions(&new, old) {
         return None;
     }
-    Some(json!({ "status": { "conditions": new } }))
+    let version = meta.resource_version.clone().unwrap_or_default();
+    Some((json!({ "status": { "conditions": new } }), version))
 }
 
 /// A route kind whose status is `status.parents`, as HTTPRoute's and GRPCRoute's.
@@ -413,14 +405,20 @@ mod tests {
         let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let mut s = status(true);
         s.kind = translate::TRAFFIC_POLICY;
-        let patch = policy_patch(&s, Some(1), &[], &now).expect("a patch");
+        let generation = |g| ObjectMeta {
+            generation: Some(g),
+            resource_version: Some("7".into()),
+            ..ObjectMeta::default()
+        };
+        let (patch, version) = policy_patch(&s, &generation(1), &[], &now).expect("a patch");
+        assert_eq!(version, "7");
         let written: Vec<Condition> =
             serde_json::from_value(patch["status"]["conditions"].clone()).unwrap();
         assert_eq!(written[0].type_, "Accepted");
         assert_eq!(written[0].status, "True");
-        assert_eq!(policy_patch(&s, Some(1), &written, &now), None);
+        assert_eq!(policy_patch(&s, &generation(1), &written, &now), None);
         assert!(
-            policy_patch(&s, Some(2), &written, &now).is_some(),
+            policy_patch(&s, &generation(2), &written, &now).is_some(),
             "new generation"
         );
     }
