@@ -22,13 +22,14 @@ use super::objects::{namespace_of, Key, Objects, SERVER_POLICY};
 use super::problem::{
     invalid, parse_value, status, unknown_fields, unresolved, ObjectStatus, Problem,
 };
-use super::service::{is_dns_label, port_number, slice_port};
+use super::service::{port_number, slice_port};
 use super::traffic_policy::{resolve_target, Target};
 use crate::crd::{Authorization, ServerPolicy};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use trellis_proto::model::config as model;
+use trellis_proto::model::config::is_dns_label;
 use trellis_proto::model::config::MtlsMode;
 use trellis_proto::model::policy::RateLimit;
 

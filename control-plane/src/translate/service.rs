@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;
-use trellis_proto::model::config as model;
+use trellis_proto::model::config::{self as model, is_dns_label};
 
 /// The label that ties an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -254,16 +254,6 @@ pub(super) fn endpoints(
         .into_iter()
         .map(|(address, identity)| model::Endpoint { address, identity })
         .collect()
-}
-
-/// A DNS label (RFC 1123): what a Service's name and namespace must be.
-pub(super) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// A port number, 1 to 65535.

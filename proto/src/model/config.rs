@@ -387,7 +387,8 @@ fn bare_message(message: &str, path: &str) -> String {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// A DNS label (RFC 1123): what a Service's name and namespace must be.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
