@@ -23,7 +23,7 @@ use super::problem::{
     invalid, parse_value, status, unknown_fields, unresolved, ObjectStatus, Problem,
 };
 use super::service::{port_number, slice_port};
-use super::traffic_policy::{resolve_target, Target};
+use super::traffic_policy::{resolve_targets, Target};
 use crate::crd::{Authorization, ServerPolicy};
 use serde_json::Value;
 use std::net::IpAddr;
@@ -209,21 +209,14 @@ fn translate_server_policy(
             Err(problem) => problems.push(problem),
         }
     }
-    if spec.target_refs.is_empty() {
-        problems.push(invalid(
-            "Invalid",
-            "spec.targetRefs",
-            "at least one targetRef is required",
-        ));
-    }
-    let mut targets = Vec::new();
-    for (i, target) in spec.target_refs.iter().enumerate() {
-        match resolve_target(&key.0, i, target, index, false) {
-            Ok(Target::Service { service, port }) => targets.push((service, port)),
-            Ok(Target::Route { .. }) => {}
-            Err(problem) => problems.push(problem),
-        }
-    }
+    let targets: Vec<(Key, Option<u16>)> =
+        resolve_targets(&key.0, &spec.target_refs, index, false, &mut problems)
+            .into_iter()
+            .filter_map(|target| match target {
+                Target::Service { service, port } => Some((service, port)),
+                Target::Route { .. } => None,
+            })
+            .collect();
     let mut rules = Vec::new();
     if problems.is_empty() {
         for (i, port) in &listed {

@@ -54,9 +54,34 @@ pub(super) enum Target {
     },
 }
 
-/// Resolves `targetRefs[i]` in the policy's namespace; a ServerPolicy may only
-/// target Services (`routes_allowed` false).
-pub(super) fn resolve_target(
+/// Resolves `spec.targetRefs` in the policy's namespace, at least one required;
+/// a ServerPolicy may only target Services (`routes_allowed` false). Each one
+/// that does not resolve adds a problem.
+pub(super) fn resolve_targets(
+    namespace: &str,
+    refs: &[TargetRef],
+    index: &Index,
+    routes_allowed: bool,
+    problems: &mut Vec<Problem>,
+) -> Vec<Target> {
+    if refs.is_empty() {
+        problems.push(invalid(
+            "Invalid",
+            "spec.targetRefs",
+            "at least one targetRef is required",
+        ));
+    }
+    let mut targets = Vec::new();
+    for (i, target) in refs.iter().enumerate() {
+        match resolve_target(namespace, i, target, index, routes_allowed) {
+            Ok(t) => targets.push(t),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    targets
+}
+
+fn resolve_target(
     namespace: &str,
     i: usize,
     target: &TargetRef,
@@ -198,20 +223,7 @@ pub(super) fn translate_traffic_policy(
         }
     };
     problems.extend(destination);
-    if spec.target_refs.is_empty() {
-        problems.push(invalid(
-            "Invalid",
-            "spec.targetRefs",
-            "at least one targetRef is required",
-        ));
-    }
-    let mut targets = Vec::new();
-    for (i, target) in spec.target_refs.iter().enumerate() {
-        match resolve_target(&key.0, i, target, index, true) {
-            Ok(t) => targets.push(t),
-            Err(problem) => problems.push(problem),
-        }
-    }
+    let targets = resolve_targets(&key.0, &spec.target_refs, index, true, &mut problems);
     match parsed {
         Some(policy) if problems.is_empty() => Ok((policy, targets)),
         _ => Err(problems),
