@@ -4,7 +4,9 @@
 //! checks the peer is that identity; the server's sidecar terminates it, takes the
 //! caller's certificate, and hands the request to the app as before. A STRICT port
 //! refuses callers without mesh mTLS; a peer that is not who the config says is
-//! refused by the caller.
+//! refused by the caller. OpenSSL, as a client the proxy did not write, sees TLS
+//! 1.3 and a SPIFFE-only certificate, and is refused with a certificate from
+//! another CA or past its expiry.
 
 use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
@@ -180,19 +182,16 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
     let _ = &client;
 }
 
-#[tokio::test]
-async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_spiffe_identity() {
-    let net = Network::new(3);
-    let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
-    let secrets = TempDir::new("s-client");
+/// A meshed `reviews` sidecar on pod 1 whose CA lives in `secrets/ca`.
+async fn reviews_behind_a_sidecar(net: &Network, secrets: &TempDir) -> (ControlPlane, Sidecar) {
     let ca_dir = secrets.0.join("ca");
     let tokens = secrets.0.join("tokens");
     std::fs::write(&tokens, "server-token shop/reviews\n").unwrap();
     let server_token = secrets.0.join("server");
     std::fs::write(&server_token, "server-token").unwrap();
-    let cp = issuing_control_plane(&net, &ca_dir, &tokens).await;
+    let cp = issuing_control_plane(net, &ca_dir, &tokens).await;
     let anchors = ca_dir.join("ca.crt");
-    let _server = meshed(
+    let server = meshed(
         net.pod(1),
         "server",
         &cp,
@@ -200,13 +199,24 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
         server_token.to_str().unwrap(),
     )
     .await;
+    (cp, server)
+}
 
-    // A client certificate from the mesh CA, as a proxy would hold one.
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
-    let issuer =
-        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(&anchors).unwrap(), ca_key)
-            .unwrap();
+/// The mesh CA that `reviews_behind_a_sidecar` made, to sign with.
+fn mesh_ca(secrets: &TempDir) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    let read = |name: &str| std::fs::read_to_string(secrets.0.join("ca").join(name)).unwrap();
+    let key = rcgen::KeyPair::from_pem(&read("ca.key")).unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&read("ca.crt"), key).unwrap()
+}
+
+/// A client certificate for `frontend`, as a proxy would hold one, written to
+/// `secrets/<name>.pem` and `.key`; `expired` puts its validity in the past.
+fn client_certificate(
+    secrets: &TempDir,
+    name: &str,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    expired: bool,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
     params.subject_alt_names = vec![rcgen::SanType::URI(
@@ -216,11 +226,26 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
             .unwrap(),
     )];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let (cert_file, key_file) = (secrets.0.join("client.pem"), secrets.0.join("client.key"));
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    }
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let cert_file = secrets.0.join(format!("{name}.pem"));
+    let key_file = secrets.0.join(format!("{name}.key"));
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file, key_file)
+}
 
+/// Runs `openssl s_client` from pod 0 to the sidecar of `reviews` with a client
+/// certificate, sends one request, and returns what it printed: stdout, then
+/// stdout and stderr together.
+async fn s_client(
+    net: &Network,
+    secrets: &TempDir,
+    (cert_file, key_file): (std::path::PathBuf, std::path::PathBuf),
+) -> (String, String) {
     let mut child = net
         .pod(0)
         .command("openssl")
@@ -236,7 +261,7 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
         .arg("-key")
         .arg(&key_file)
         .arg("-CAfile")
-        .arg(&anchors)
+        .arg(secrets.0.join("ca").join("ca.crt"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -258,9 +283,19 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
     .await
     .unwrap()
     .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let all = format!("{stdout}{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    (stdout, all)
+}
+
+#[tokio::test]
+async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_spiffe_identity() {
+    let net = Network::new(3);
+    let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
+    let secrets = TempDir::new("s-client");
+    let (_cp, _server) = reviews_behind_a_sidecar(&net, &secrets).await;
+    let client = client_certificate(&secrets, "client", &mesh_ca(&secrets), false);
+    let (stdout, all) = s_client(&net, &secrets, client).await;
     assert!(all.contains("TLSv1.3"), "{all}");
     assert!(all.contains("ALPN protocol: trellis.dev/http1"), "{all}");
     assert!(
@@ -291,6 +326,51 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
         ["uri:spiffe://cluster.local/ns/shop/sa/reviews"],
         "{all}"
     );
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_or_past_its_expiry_is_refused_by_the_sidecar() {
+    let net = Network::new(3);
+    let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
+    let secrets = TempDir::new("s-client-refused");
+    let (_cp, server) = reviews_behind_a_sidecar(&net, &secrets).await;
+    let refused_with = |certificate, alert: &'static str, count: f64| {
+        let (net, secrets, server) = (&net, &secrets, &server);
+        async move {
+            let (_, all) = s_client(net, secrets, certificate).await;
+            assert!(!all.contains("HTTP/1.1"), "the app was reached: {all}");
+            assert!(all.contains(alert), "{all}");
+            until(LIMIT, "the handshake counted as refused", || async {
+                let refused = server
+                    .metrics()
+                    .await
+                    .sum("trellis_tls_handshakes_total", &[("result", "refused")]);
+                if refused >= count {
+                    Ok(())
+                } else {
+                    Err(format!("{refused} refused"))
+                }
+            })
+            .await;
+        }
+    };
+
+    // Same name, same shape, signed by a CA the mesh does not trust.
+    let mut other = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = rcgen::Issuer::new(other, rcgen::KeyPair::generate().unwrap());
+    let foreign = client_certificate(&secrets, "foreign", &other_ca, false);
+    refused_with(foreign, "alert unknown ca", 1.0).await;
+
+    // Signed by the mesh CA, but its time is over.
+    let expired = client_certificate(&secrets, "expired", &mesh_ca(&secrets), true);
+    refused_with(expired, "alert certificate expired", 2.0).await;
+
+    let accepted = server
+        .metrics()
+        .await
+        .sum("trellis_tls_handshakes_total", &[("result", "ok")]);
+    assert_eq!(accepted, 0.0, "neither certificate was taken");
 }
 
 /// A control plane on pod 2 that is the mesh's CA and knows the `reviews` pod.
