@@ -8,11 +8,14 @@
 //! 1.3 and a SPIFFE-only certificate, and is refused with a certificate from
 //! another CA or past its expiry.
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
 use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
     apps,
     control_plane::{ControlPlane, GRPC_PORT},
-    http::get_with_host,
+    http::{collect, get_with_host, h2_client, send_h2},
     netns::{Network, Pod},
     sidecar::{Options, Sidecar},
     wait::until,
@@ -135,6 +138,24 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
         &[("direction", "inbound"), ("protocol", "tls")],
     );
     assert!(inbound_tls >= 1.0);
+
+    // HTTP/2 from the app goes over mesh mTLS too, on a connection of its own
+    // (ALPN `trellis.dev/h2`).
+    let mut h2 = h2_client(net.pod(0), reviews).await.unwrap();
+    let req = Request::get("http://reviews.shop/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, _) = collect(send_h2(&mut h2, req).await.unwrap()).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-app"], "reviews");
+    let inbound_tls_now = server.metrics().await.sum(
+        "trellis_tcp_connections_total",
+        &[("direction", "inbound"), ("protocol", "tls")],
+    );
+    assert!(
+        inbound_tls_now > inbound_tls,
+        "a new mesh mTLS connection for HTTP/2"
+    );
 
     // PERMISSIVE, the default: a caller outside the mesh still gets through.
     let app: SocketAddr = "198.18.0.3:8080".parse().unwrap();
