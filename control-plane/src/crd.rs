@@ -207,6 +207,9 @@ pub struct AuthorizationRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationSource {
+    /// Exact SPIFFE IDs.
+    #[serde(default)]
+    pub identities: Vec<String>,
     /// `namespace/name`.
     #[serde(default)]
     pub service_accounts: Vec<String>,
@@ -217,6 +220,9 @@ pub struct AuthorizationSource {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationOperation {
+    /// Service ports, as ServerPolicy `ports` names them.
+    #[serde(default)]
+    pub ports: Vec<i32>,
     #[serde(default)]
     pub methods: Vec<String>,
     #[serde(default)]

@@ -2,6 +2,7 @@
 //! ([`model`]) and the discovery API that carries it ([`v1`]).
 
 pub mod model {
+    pub mod authorization;
     pub mod config;
     pub mod duration;
     pub mod policy;

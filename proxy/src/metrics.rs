@@ -26,6 +26,8 @@ pub const ENDPOINTS_EJECTED: &str = "trellis_endpoints_ejected";
 pub const CONFIG_RELOADS_TOTAL: &str = "trellis_config_reloads_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
 pub const MTLS_REFUSED_TOTAL: &str = "trellis_mtls_refused_total";
+/// Counter, labels `port` (the pod's) and `protocol` (`http`, `opaque`).
+pub const AUTHZ_DENIED_TOTAL: &str = "trellis_authz_denied_total";
 
 /// Says what every metric means, so `/metrics` carries a `# HELP` line for each.
 fn describe() {
@@ -97,6 +99,10 @@ fn describe() {
     describe_counter!(
         MTLS_REFUSED_TOTAL,
         "Inbound connections a STRICT port refused, by reason (plaintext, not_mesh)"
+    );
+    describe_counter!(
+        AUTHZ_DENIED_TOTAL,
+        "Inbound calls a port's authorization policy refused (HTTP 403 AZ, or a closed connection), by port and protocol"
     );
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
@@ -183,6 +189,7 @@ mod tests {
                 crate::identity::RENEWALS_TOTAL,
                 TLS_HANDSHAKES_TOTAL,
                 MTLS_REFUSED_TOTAL,
+                AUTHZ_DENIED_TOTAL,
             ] {
                 metrics::counter!(name).increment(1);
             }
@@ -197,7 +204,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(types.len(), 18, "{text}");
+        assert_eq!(types.len(), 19, "{text}");
         for name in types {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

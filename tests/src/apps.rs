@@ -262,6 +262,40 @@ pub fn tcp_echo_app(listener: TcpListener) -> App {
     }))
 }
 
+/// An app that speaks its own TLS (a certificate of its own, for `name`) and
+/// echoes what arrives inside it. Returns the app and its certificate (DER), for
+/// the client to trust.
+pub fn tls_echo_app(listener: TcpListener, name: &str) -> (App, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .and_then(|params| params.self_signed(&key))
+        .expect("a self-signed certificate");
+    let der = cert.der().to_vec();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| {
+        b.with_no_client_auth().with_single_cert(
+            vec![der.clone().into()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    })
+    .expect("a TLS config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let app = App::new(spawn_accept(listener, move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            if let Ok(tls) = acceptor.accept(stream).await {
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            }
+        }
+    }));
+    (app, der)
+}
+
 /// Reads the start of a request, then resets the connection without answering.
 pub fn reset_app(listener: TcpListener) -> App {
     App::new(spawn_accept(listener, |mut stream| async move {

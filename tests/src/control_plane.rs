@@ -15,6 +15,31 @@ use std::{
 };
 
 pub const GRPC_PORT: u16 = 15010;
+
+/// A sidecar in `pod` named `name` in namespace `shop`, with its control plane at
+/// `url`, and `more` flags.
+async fn sidecar_of(pod: &Pod, name: &str, url: &str, more: &[&str]) -> Sidecar {
+    let ip = pod.ip.to_string();
+    let mut args = vec![
+        "--control-plane",
+        url,
+        "--pod-name",
+        name,
+        "--pod-namespace",
+        "shop",
+        "--pod-ip",
+        ip.as_str(),
+    ];
+    args.extend_from_slice(more);
+    Sidecar::start(
+        pod,
+        Options {
+            run_args: &args,
+            ..Default::default()
+        },
+    )
+    .await
+}
 pub const ADMIN_PORT: u16 = 15014;
 
 pub struct ControlPlane {
@@ -52,29 +77,64 @@ impl ControlPlane {
         cp
     }
 
+    /// A control plane that is also the mesh CA, its root kept in
+    /// `secrets/ca`, with a bootstrap token for each `shop/<account>` of
+    /// `accounts` (see [`ControlPlane::meshed_sidecar`]).
+    pub async fn issuing(
+        pod: &Pod,
+        files: &[(&str, &str)],
+        secrets: &TempDir,
+        accounts: &[&str],
+        args: &[&str],
+    ) -> ControlPlane {
+        let mut lines = String::new();
+        for account in accounts {
+            lines.push_str(&format!("{account}-token shop/{account}\n"));
+            std::fs::write(
+                secrets.0.join(format!("{account}.token")),
+                format!("{account}-token"),
+            )
+            .expect("write token");
+        }
+        let tokens = secrets.0.join("tokens");
+        std::fs::write(&tokens, lines).expect("write tokens");
+        let ca_dir = secrets.0.join("ca");
+        let mut all = vec![
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--bootstrap-tokens",
+            tokens.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        ControlPlane::start_with(pod, files, &all).await
+    }
+
+    /// A sidecar in `pod`, named `name` in namespace `shop`, certified as
+    /// `shop/<account>` by an [`issuing`](ControlPlane::issuing) control plane
+    /// that keeps its root in `secrets/ca`.
+    pub async fn meshed_sidecar(
+        &self,
+        pod: &Pod,
+        name: &str,
+        secrets: &TempDir,
+        account: &str,
+    ) -> Sidecar {
+        let url = format!("https://{}:{GRPC_PORT}", self.pod.ip);
+        let anchors = secrets.0.join("ca").join("ca.crt");
+        let token = secrets.0.join(format!("{account}.token"));
+        let identity = [
+            "--trust-anchors",
+            anchors.to_str().unwrap(),
+            "--identity-token-file",
+            token.to_str().unwrap(),
+        ];
+        sidecar_of(pod, name, &url, &identity).await
+    }
+
     /// A sidecar in `pod`, named `name` in namespace `shop`, taking its config from
     /// this control plane.
     pub async fn sidecar(&self, pod: &Pod, name: &str) -> Sidecar {
-        let url = self.url();
-        let ip = pod.ip.to_string();
-        let args = [
-            "--control-plane",
-            url.as_str(),
-            "--pod-name",
-            name,
-            "--pod-namespace",
-            "shop",
-            "--pod-ip",
-            ip.as_str(),
-        ];
-        Sidecar::start(
-            pod,
-            Options {
-                run_args: &args,
-                ..Default::default()
-            },
-        )
-        .await
+        sidecar_of(pod, name, &self.url(), &[]).await
     }
 
     /// The URL sidecars are given.

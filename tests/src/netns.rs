@@ -11,6 +11,7 @@ use std::{
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -238,4 +239,114 @@ impl Pod {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Every frame seen on one interface of a pod, from [`Pod::capture`] until
+/// [`Capture::stop`]: what a tap on the wire between pods would see.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Capture {
+    /// Stops capturing; every frame's bytes, one after the other.
+    pub fn stop(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("capture thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Pod {
+    /// Captures the frames of `interface` (both directions) with a packet socket
+    /// opened inside the pod, until the capture is stopped. Returns once the
+    /// socket is bound, so nothing sent afterwards is missed.
+    pub fn capture(&self, interface: &str) -> Capture {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (bound, ready) = std::sync::mpsc::channel();
+        let (netns, interface, stopped) = (self.netns.clone(), interface.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let path = format!("/run/netns/{netns}");
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: a valid namespace fd; this thread only captures.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let protocol = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket calls on a descriptor this thread owns.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let name = std::ffi::CString::new(interface.clone()).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert!(index > 0, "no interface {interface} in {netns}");
+            // SAFETY: zeroed is a valid sockaddr_ll; the fields are set below.
+            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_protocol = protocol;
+            address.sll_ifindex = index as i32;
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            // SAFETY: pointers to live values of the sizes given.
+            unsafe {
+                assert_eq!(
+                    libc::bind(
+                        fd,
+                        (&address as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    ),
+                    0,
+                    "bind the packet socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+            }
+            let _ = bound.send(());
+            let mut frames = Vec::new();
+            let mut buffer = vec![0u8; 65536];
+            while !stopped.load(Ordering::Relaxed) {
+                // SAFETY: the buffer is as long as said.
+                let n = unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+                if n > 0 {
+                    frames.extend_from_slice(&buffer[..n as usize]);
+                }
+            }
+            // SAFETY: closes the descriptor opened above, once.
+            unsafe { libc::close(fd) };
+            frames
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the capture socket bound");
+        Capture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Whether `needle` occurs anywhere in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -14,10 +14,10 @@ use hyper::Request;
 use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
     apps,
-    control_plane::{ControlPlane, GRPC_PORT},
+    control_plane::ControlPlane,
     http::{collect, get_with_host, h2_client, send_h2},
-    netns::{Network, Pod},
-    sidecar::{Options, Sidecar},
+    netns::Network,
+    sidecar::Sidecar,
     wait::until,
     TempDir,
 };
@@ -56,34 +56,6 @@ spec: {{serviceAccountName: {service_account}, containers: [{{name: app, image: 
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A sidecar in `pod` proving `token`'s identity to the control plane.
-async fn meshed(pod: &Pod, name: &str, cp: &ControlPlane, anchors: &str, token: &str) -> Sidecar {
-    let url = format!("https://{}:{GRPC_PORT}", cp.pod.ip);
-    let ip = pod.ip.to_string();
-    let args = [
-        "--control-plane",
-        url.as_str(),
-        "--trust-anchors",
-        anchors,
-        "--identity-token-file",
-        token,
-        "--pod-namespace",
-        "shop",
-        "--pod-name",
-        name,
-        "--pod-ip",
-        ip.as_str(),
-    ];
-    Sidecar::start(
-        pod,
-        Options {
-            run_args: &args,
-            ..Default::default()
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_names() {
     // Pods: client (0), server (1), control plane (2), and a caller outside the
@@ -91,26 +63,13 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
     let net = Network::new(4);
     let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
     let secrets = TempDir::new("mtls");
-    let ca_dir = secrets.0.join("ca");
-    let tokens = secrets.0.join("tokens");
-    std::fs::write(
-        &tokens,
-        "client-token shop/frontend\nserver-token shop/reviews\n",
-    )
-    .unwrap();
-    let token_file = |name: &str, token: &str| {
-        let path = secrets.0.join(name);
-        std::fs::write(&path, token).unwrap();
-        path.to_str().unwrap().to_owned()
-    };
-    let (client_token, server_token) = (
-        token_file("client", "client-token"),
-        token_file("server", "server-token"),
-    );
-    let cp = issuing_control_plane(&net, &ca_dir, &tokens).await;
-    let anchors = ca_dir.join("ca.crt").to_str().unwrap().to_owned();
-    let server = meshed(net.pod(1), "server", &cp, &anchors, &server_token).await;
-    let client = meshed(net.pod(0), "client", &cp, &anchors, &client_token).await;
+    let cp = issuing_control_plane(&net, &secrets, &["frontend", "reviews"]).await;
+    let server = cp
+        .meshed_sidecar(net.pod(1), "server", &secrets, "reviews")
+        .await;
+    let client = cp
+        .meshed_sidecar(net.pod(0), "client", &secrets, "frontend")
+        .await;
 
     let reviews: SocketAddr = "198.19.0.10:80".parse().unwrap();
     let call = || async {
@@ -205,21 +164,10 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
 
 /// A meshed `reviews` sidecar on pod 1 whose CA lives in `secrets/ca`.
 async fn reviews_behind_a_sidecar(net: &Network, secrets: &TempDir) -> (ControlPlane, Sidecar) {
-    let ca_dir = secrets.0.join("ca");
-    let tokens = secrets.0.join("tokens");
-    std::fs::write(&tokens, "server-token shop/reviews\n").unwrap();
-    let server_token = secrets.0.join("server");
-    std::fs::write(&server_token, "server-token").unwrap();
-    let cp = issuing_control_plane(net, &ca_dir, &tokens).await;
-    let anchors = ca_dir.join("ca.crt");
-    let server = meshed(
-        net.pod(1),
-        "server",
-        &cp,
-        anchors.to_str().unwrap(),
-        server_token.to_str().unwrap(),
-    )
-    .await;
+    let cp = issuing_control_plane(net, secrets, &["reviews"]).await;
+    let server = cp
+        .meshed_sidecar(net.pod(1), "server", secrets, "reviews")
+        .await;
     (cp, server)
 }
 
@@ -394,22 +342,20 @@ async fn a_client_certificate_from_another_ca_or_past_its_expiry_is_refused_by_t
     assert_eq!(accepted, 0.0, "neither certificate was taken");
 }
 
-/// A control plane on pod 2 that is the mesh's CA and knows the `reviews` pod.
+/// A control plane on pod 2 that is the mesh's CA for `accounts` and knows the
+/// `reviews` pod.
 async fn issuing_control_plane(
     net: &Network,
-    ca_dir: &std::path::Path,
-    tokens: &std::path::Path,
+    secrets: &TempDir,
+    accounts: &[&str],
 ) -> ControlPlane {
-    let args = [
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--bootstrap-tokens",
-        tokens.to_str().unwrap(),
-    ];
-    ControlPlane::start_with(
+    let pod = pod("reviews");
+    ControlPlane::issuing(
         net.pod(2),
-        &[("mesh.yaml", MESH), ("pod.yaml", &pod("reviews"))],
-        &args,
+        &[("mesh.yaml", MESH), ("pod.yaml", &pod)],
+        secrets,
+        accounts,
+        &[],
     )
     .await
 }

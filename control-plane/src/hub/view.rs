@@ -23,14 +23,12 @@
 //! by an endpoint's `targetRef` (its namespace and name) or by its IP. When several
 //! cover one pod port, the one with the lowest precedence wins.
 
-use crate::translate::{InboundLimit, PodKey, Translation};
+use crate::translate::{InboundIndex, PodKey, Translation};
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
-use trellis_proto::model::config::{self as model, InboundPort, MtlsMode};
-use trellis_proto::model::policy::RateLimit;
+use trellis_proto::model::config as model;
 use trellis_proto::model::resources;
 
 /// One resource's JSON, shared (unchanged resources keep the same allocation from
@@ -139,10 +137,17 @@ impl Views {
 
     /// The resources one proxy should have.
     pub fn view(&self, namespace: &str, pod: &str, pod_ip: &str) -> View {
+        let mut keys = vec![PodKey::Name {
+            namespace: namespace.to_owned(),
+            name: pod.to_owned(),
+        }];
+        if let Ok(ip) = pod_ip.trim().parse::<IpAddr>() {
+            keys.push(PodKey::Ip(ip));
+        }
         let inbound = self
             .inbound
-            .for_pod(namespace, pod, pod_ip)
-            .iter()
+            .for_pod(&keys)
+            .values()
             .filter_map(|port| {
                 let json = serde_json::to_vec(port).ok()?;
                 Some((resources::inbound_name(port), Arc::from(json)))
@@ -222,62 +227,6 @@ fn reachable<'a>(services: &'a [model::Service], namespaces: &[String]) -> Vec<&
         }
     }
     keep.into_iter().map(|i| &services[i]).collect()
-}
-
-/// What one ServerPolicy says of one pod port.
-type PortPolicy = (Option<RateLimit>, Option<MtlsMode>);
-
-/// Who gets which inbound limits, so that a proxy's view costs a few lookups
-/// rather than a pass over every limit.
-#[derive(Debug, Default)]
-struct InboundIndex {
-    /// Per pod: pod port -> (precedence, what the policy says).
-    by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, PortPolicy)>>,
-}
-
-impl InboundIndex {
-    /// `limits` in precedence order: the first to claim a pod's port keeps it.
-    fn new(limits: &[InboundLimit]) -> InboundIndex {
-        let mut by_pod: HashMap<PodKey, BTreeMap<NonZeroU16, (usize, PortPolicy)>> = HashMap::new();
-        for limit in limits {
-            for pod in &limit.pods {
-                by_pod
-                    .entry(pod.clone())
-                    .or_default()
-                    .entry(limit.port)
-                    .or_insert_with(|| (limit.precedence, (limit.rate_limit.clone(), limit.mtls)));
-            }
-        }
-        InboundIndex { by_pod }
-    }
-
-    /// The inbound limits of one pod, known by name and (if it has one) by IP.
-    fn for_pod(&self, namespace: &str, pod: &str, pod_ip: &str) -> Vec<InboundPort> {
-        let mut ports: BTreeMap<NonZeroU16, (usize, PortPolicy)> = BTreeMap::new();
-        let mut keys = vec![PodKey::Name {
-            namespace: namespace.to_owned(),
-            name: pod.to_owned(),
-        }];
-        if let Ok(ip) = pod_ip.trim().parse::<IpAddr>() {
-            keys.push(PodKey::Ip(ip));
-        }
-        for key in keys {
-            for (port, (precedence, limit)) in self.by_pod.get(&key).into_iter().flatten() {
-                let keep = ports.get(port).is_none_or(|(p, _)| precedence < p);
-                if keep {
-                    ports.insert(*port, (*precedence, limit.clone()));
-                }
-            }
-        }
-        ports
-            .into_iter()
-            .map(|(port, (_, (rate_limit, mtls)))| InboundPort {
-                port,
-                rate_limit,
-                mtls,
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -199,3 +199,18 @@ spec:
       - from: [{serviceAccounts: [shop/frontend]}, {namespaces: [ops]}]
         to: [{methods: [GET], paths: [/api/*]}]
 "#;
+
+/// The pods behind reviews' endpoints: v1-0 runs as `reviews`, v2-0 names no
+/// service account (so runs as `default`).
+pub(crate) const PODS: &str = "
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-0, namespace: shop}
+spec: {serviceAccountName: reviews, containers: [{name: app, image: reviews}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2-0, namespace: shop}
+spec: {containers: [{name: app, image: reviews}]}
+";

@@ -11,6 +11,8 @@
 //! - `objects.rs`: the [`Objects`] translation reads, and how an object is named;
 //! - `problem.rs`: how what is refused is said (an [`ObjectStatus`] per object,
 //!   naming object and field);
+//! - `inbound.rs`: what ServerPolicies say of a pod's own ports, per port, and
+//!   which wins;
 //! - `service.rs`: each port of a Service, with the ready endpoints of its
 //!   EndpointSlices, is one model service;
 //! - `http_route.rs`: HTTPRoutes with a Service parent become that Service's routes;
@@ -36,6 +38,7 @@
 
 mod grpc_route;
 mod http_route;
+mod inbound;
 mod index;
 mod objects;
 mod problem;
@@ -43,9 +46,9 @@ mod server_policy;
 mod service;
 mod traffic_policy;
 
+pub use inbound::{InboundIndex, InboundLimit, PodKey};
 pub use objects::{Objects, GRPC_ROUTE, HTTP_ROUTE, SERVER_POLICY, SERVICE, TRAFFIC_POLICY};
 pub use problem::ObjectStatus;
-pub use server_policy::{InboundLimit, PodKey};
 
 use index::{oldest_first, Index};
 use objects::Key;
@@ -136,6 +139,7 @@ pub fn translate(objects: &Objects) -> Translation {
         }
     }
     let accounts = service::pod_accounts(&objects.pods);
+    let inbound_index = InboundIndex::new(&inbound);
     let mut services = Vec::new();
     for (key, service) in &index.services {
         for port in &service.ports {
@@ -144,7 +148,7 @@ pub fn translate(objects: &Objects) -> Translation {
                 namespace: key.0.clone(),
                 port: port.port,
                 cluster_ip: service.cluster_ip,
-                endpoints: service::endpoints(service, port, &accounts),
+                endpoints: service::endpoints(service, port, &accounts, &inbound_index),
                 routes: route_lists
                     .remove(&(key.clone(), port.port.get()))
                     .unwrap_or_default(),

@@ -10,13 +10,12 @@
 //! `sectionName`) beats one that covers every port, then the oldest wins: the
 //! limits come in that order, each with its precedence. They are not part of the
 //! mesh: each proxy's view (the hub's) takes the limits of its own pod as its
-//! `inbound` entries. `mtls` and `authorization` are checked (a bad value is
-//! Accepted=False, naming the field) but not translated yet: the model has no
-//! place for them.
-//!
-//! Pods are not read yet: identity (service accounts) arrives with the CA. A pod
-//! is recognised by its EndpointSlice endpoints, as above.
+//! `inbound` entries, with the policy's `mtls` mode and its `authorization` (the
+//! rules whose `to` covers the port). A port that DISABLEs mTLS has its
+//! endpoints sent without an identity, so that callers send it plaintext.
+//! A pod is recognised by its EndpointSlice endpoints, as above.
 
+use super::inbound::{InboundLimit, PodKey};
 use super::index::{oldest_first, Index};
 use super::objects::{namespace_of, Key, Objects, SERVER_POLICY};
 use super::problem::{
@@ -24,47 +23,22 @@ use super::problem::{
 };
 use super::service::{port_number, slice_port};
 use super::traffic_policy::{resolve_targets, Target};
-use crate::crd::{Authorization, ServerPolicy};
+use crate::crd::{Authorization, AuthorizationAction, ServerPolicy};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
-use trellis_proto::model::config as model;
-use trellis_proto::model::config::is_dns_label;
-use trellis_proto::model::config::MtlsMode;
+use trellis_proto::model::authorization;
+use trellis_proto::model::config::{self as model, is_dns_label, MtlsMode, Workload};
 use trellis_proto::model::policy::RateLimit;
 
-/// An accepted ServerPolicy's rate limit and mTLS mode on one port of the pods
-/// behind a Service.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InboundLimit {
-    /// Lower wins when two limits cover one pod port: a policy that names its
-    /// ports first, then the oldest.
-    pub precedence: usize,
-    /// The pod's own port: the EndpointSlice port behind the Service port.
-    pub port: NonZeroU16,
-    /// The pods it is for: the endpoints of one EndpointSlice, ready or not.
-    pub pods: Vec<PodKey>,
-    pub rate_limit: Option<RateLimit>,
-    pub mtls: Option<MtlsMode>,
-}
-
-/// A pod as an EndpointSlice endpoint names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum PodKey {
-    /// By the endpoint's `targetRef` (kind Pod): its namespace (the slice's when
-    /// absent) and name.
-    Name { namespace: String, name: String },
-    /// By one of the endpoint's addresses.
-    Ip(IpAddr),
-}
-
-/// An accepted ServerPolicy's rate limit on some ports of one Service.
+/// An accepted ServerPolicy on some ports of one Service.
 struct InboundRule {
     service: Key,
     /// Service ports.
     ports: Vec<NonZeroU16>,
     rate_limit: Option<RateLimit>,
     mtls: Option<MtlsMode>,
+    authorization: Option<Authorization>,
 }
 
 const SERVER_POLICY_FIELDS: &str = "targetRefs, ports, mtls, rateLimit, authorization";
@@ -148,6 +122,10 @@ fn inbound_limits(rules: &[InboundRule], index: &Index) -> Vec<InboundLimit> {
                         pods,
                         rate_limit: rule.rate_limit.clone(),
                         mtls: rule.mtls,
+                        authorization: rule
+                            .authorization
+                            .as_ref()
+                            .map(|a| authorization_on(a, port.port)),
                     });
                 }
             }
@@ -178,14 +156,6 @@ fn translate_server_policy(
     let mtls = match spec.mtls.clone().filter(|v| !v.is_null()) {
         None => None,
         Some(value) => match parse_value::<MtlsMode>(value, "spec.mtls") {
-            Ok(MtlsMode::Disable) => {
-                problems.push(invalid(
-                    "UnsupportedValue",
-                    "spec.mtls",
-                    "DISABLE is not supported yet: use PERMISSIVE, which also accepts plaintext",
-                ));
-                None
-            }
             Ok(mode) => Some(mode),
             Err(problem) => {
                 problems.push(problem);
@@ -203,12 +173,19 @@ fn translate_server_policy(
             }
         },
     };
-    if let Some(value) = spec.authorization.clone().filter(|v| !v.is_null()) {
-        match parse_value::<Authorization>(value, "spec.authorization") {
-            Ok(authorization) => problems.extend(check_authorization(&authorization)),
-            Err(problem) => problems.push(problem),
-        }
-    }
+    let authorization = match spec.authorization.clone().filter(|v| !v.is_null()) {
+        None => None,
+        Some(value) => match parse_value::<Authorization>(value, "spec.authorization") {
+            Ok(authorization) => {
+                problems.extend(check_authorization(&authorization));
+                Some(authorization)
+            }
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        },
+    };
     let targets: Vec<(Key, Option<u16>)> =
         resolve_targets(&key.0, &spec.target_refs, index, false, &mut problems)
             .into_iter()
@@ -245,12 +222,13 @@ fn translate_server_policy(
                 .filter(|p| section.is_none_or(|s| s == p.get()))
                 .filter(|p| spec.ports.is_none() || listed.iter().any(|(_, l)| l == p))
                 .collect();
-            if rate_limit.is_some() || mtls.is_some() {
+            if rate_limit.is_some() || mtls.is_some() || authorization.is_some() {
                 rules.push(InboundRule {
                     service: service.clone(),
                     ports,
                     rate_limit: rate_limit.clone(),
                     mtls,
+                    authorization: authorization.clone(),
                 });
             }
         }
@@ -269,6 +247,24 @@ fn check_authorization(authorization: &Authorization) -> Vec<Problem> {
     for (r, rule) in authorization.rules.iter().enumerate() {
         let at = format!("spec.authorization.rules[{r}]");
         for (f, from) in rule.from.iter().enumerate() {
+            for (i, identity) in from.identities.iter().enumerate() {
+                if Workload::from_spiffe_id(identity).is_none() {
+                    problems.push(invalid(
+                        "Invalid",
+                        format!("{at}.from[{f}].identities[{i}]"),
+                        format!("{identity:?} is not spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/NAME"),
+                    ));
+                }
+            }
+            for (n, namespace) in from.namespaces.iter().enumerate() {
+                if !is_dns_label(namespace) {
+                    problems.push(invalid(
+                        "Invalid",
+                        format!("{at}.from[{f}].namespaces[{n}]"),
+                        format!("{namespace:?} is not a namespace name"),
+                    ));
+                }
+            }
             for (s, account) in from.service_accounts.iter().enumerate() {
                 let ok = account.split_once('/').is_some_and(|(ns, name)| {
                     is_dns_label(ns) && !name.is_empty() && !name.contains('/')
@@ -283,6 +279,15 @@ fn check_authorization(authorization: &Authorization) -> Vec<Problem> {
             }
         }
         for (t, to) in rule.to.iter().enumerate() {
+            for (p, port) in to.ports.iter().enumerate() {
+                if port_number(*port).is_none() {
+                    problems.push(invalid(
+                        "Invalid",
+                        format!("{at}.to[{t}].ports[{p}]"),
+                        format!("{port} is not a port (1 to 65535)"),
+                    ));
+                }
+            }
             for (m, method) in to.methods.iter().enumerate() {
                 if let Err(problem) = parse_value::<model::Method>(
                     Value::String(method.clone()),
@@ -305,11 +310,64 @@ fn check_authorization(authorization: &Authorization) -> Vec<Problem> {
     problems
 }
 
+/// `authorization` as it applies to calls to one Service port: a `to` entry that
+/// names other ports is dropped, and a rule whose every `to` entry was dropped
+/// matches nothing there and goes too (an empty `to` would match everything).
+fn authorization_on(
+    authorization: &Authorization,
+    service_port: NonZeroU16,
+) -> authorization::Authorization {
+    let rules = authorization
+        .rules
+        .iter()
+        .filter_map(|rule| {
+            let to: Vec<authorization::Operation> = rule
+                .to
+                .iter()
+                .filter(|to| {
+                    to.ports.is_empty() || to.ports.contains(&i32::from(service_port.get()))
+                })
+                .map(|to| authorization::Operation {
+                    // Checked above.
+                    methods: to
+                        .methods
+                        .iter()
+                        .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                        .map(model::Method)
+                        .collect(),
+                    paths: to.paths.clone(),
+                })
+                .collect();
+            (rule.to.is_empty() || !to.is_empty()).then(|| authorization::Rule {
+                from: rule
+                    .from
+                    .iter()
+                    .map(|from| authorization::Source {
+                        identities: from.identities.clone(),
+                        service_accounts: from.service_accounts.clone(),
+                        namespaces: from.namespaces.clone(),
+                    })
+                    .collect(),
+                to,
+            })
+        })
+        .collect();
+    authorization::Authorization {
+        action: match authorization.action {
+            AuthorizationAction::Allow => authorization::Action::Allow,
+            AuthorizationAction::Deny => authorization::Action::Deny,
+        },
+        rules,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{InboundLimit, PodKey};
-    use crate::translate::fixtures::{assert_valid, objects, CANARY, SERVER_POLICY_YAML, SHOP};
+    use crate::translate::fixtures::{
+        assert_valid, objects, CANARY, PODS, SERVER_POLICY_YAML, SHOP,
+    };
     use crate::translate::{translate, SERVER_POLICY};
+    use crate::translate::{InboundLimit, PodKey};
     use std::time::Duration;
 
     #[test]
@@ -329,6 +387,7 @@ mod tests {
             pods,
             rate_limit: Some(rate_limit),
             mtls,
+            authorization: Some(_),
         }] = t.inbound.as_slice()
         else {
             panic!("{:?}", t.inbound);
@@ -356,21 +415,70 @@ mod tests {
     }
 
     #[test]
-    fn disable_is_refused_until_callers_can_be_told_not_to_originate_mtls() {
-        let t = translate(&objects(&format!(
-            "{SHOP}{}",
-            SERVER_POLICY_YAML.replace("mtls: STRICT", "mtls: DISABLE")
-        )));
+    fn disable_sends_the_ports_endpoints_without_an_identity_so_callers_send_plaintext() {
+        let identities = |yaml: &str| {
+            let t = translate(&objects(yaml));
+            let status = t.status(SERVER_POLICY, "shop", "reviews");
+            assert!(status.is_none_or(|s| s.accepted), "{status:?}");
+            let reviews = t
+                .mesh
+                .services
+                .iter()
+                .find(|s| s.name == "reviews")
+                .unwrap();
+            reviews
+                .endpoints
+                .iter()
+                .map(|e| e.identity.is_some())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(identities(&format!("{SHOP}{PODS}")), [true, true]);
+        let disabled = SERVER_POLICY_YAML.replace("mtls: STRICT", "mtls: DISABLE");
+        assert_eq!(
+            identities(&format!("{SHOP}{PODS}{disabled}")),
+            [false, false]
+        );
+        let t = translate(&objects(&format!("{SHOP}{PODS}{disabled}")));
+        assert_eq!(
+            t.inbound[0].mtls,
+            Some(trellis_proto::model::config::MtlsMode::Disable)
+        );
+    }
+
+    #[test]
+    fn authorization_goes_to_each_port_with_the_rules_that_cover_it() {
+        let policy = SERVER_POLICY_YAML.replace("  ports: [8080]\n", "").replace(
+            "        to: [{methods: [GET], paths: [/api/*]}]",
+            "        to: [{methods: [GET], paths: [/api/*]}]
+      - from: [{identities: ['spiffe://cluster.local/ns/ops/sa/debug']}]
+        to: [{ports: [9999]}]",
+        );
+        let t = translate(&objects(&format!("{SHOP}{policy}")));
         let status = t.status(SERVER_POLICY, "shop", "reviews").unwrap();
+        assert!(status.accepted, "{status:?}");
+        let authorization = t.inbound[0].authorization.as_ref().unwrap();
+        // Port 8080 (pods' 9080): the first rule; the second names another port.
+        assert_eq!(t.inbound[0].port.get(), 9080);
+        assert_eq!(authorization.rules.len(), 1, "{authorization:?}");
+        let rule = &authorization.rules[0];
+        assert_eq!(rule.from[0].service_accounts, ["shop/frontend"]);
+        assert_eq!(rule.from[1].namespaces, ["ops"]);
+        assert_eq!(rule.to[0].methods[0].0, http::Method::GET);
+        assert_eq!(rule.to[0].paths, ["/api/*"]);
+
+        let bad = translate(&objects(&format!(
+            "{SHOP}{}",
+            SERVER_POLICY_YAML.replace("namespaces: [ops]", "identities: [ops]")
+        )));
+        let status = bad.status(SERVER_POLICY, "shop", "reviews").unwrap();
         assert!(!status.accepted);
         assert!(
-            status
-                .message
-                .starts_with("spec.mtls: DISABLE is not supported yet"),
+            status.message.starts_with(
+                "spec.authorization.rules[0].from[1].identities[0]: \"ops\" is not spiffe://"
+            ),
             "{}",
             status.message
         );
-        assert!(t.inbound.is_empty());
     }
 
     #[test]

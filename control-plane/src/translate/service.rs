@@ -15,6 +15,7 @@
 //! port out of range or listed twice) is refused with the field named, and
 //! everything that refers to it then finds nothing.
 
+use super::inbound::{InboundIndex, PodKey};
 use super::objects::{namespace_of, Key, SERVICE};
 use super::problem::{invalid, status, ObjectStatus, Problem};
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
@@ -202,11 +203,13 @@ pub(super) fn pod_accounts(pods: &[Pod]) -> PodAccounts<'_> {
 }
 
 /// The ready endpoints of one Service port, sorted and without duplicates, each
-/// with the identity of the pod behind it when its `targetRef` names a known pod.
+/// with the identity of the pod behind it when its `targetRef` names a known pod
+/// and no ServerPolicy DISABLEs mTLS on its port.
 pub(super) fn endpoints(
     service: &ServiceInfo,
     port: &Port,
     accounts: &PodAccounts<'_>,
+    inbound: &InboundIndex,
 ) -> Vec<model::Endpoint> {
     let mut endpoints = BTreeMap::new();
     for slice in &service.slices {
@@ -233,18 +236,32 @@ pub(super) fn endpoints(
             else {
                 continue;
             };
-            let identity = endpoint
+            let pod = endpoint
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| {
-                    let namespace = r.namespace.as_deref().unwrap_or(slice_namespace);
-                    let account = accounts.get(&(namespace, r.name.as_deref()?))?;
-                    Some(model::Workload {
-                        namespace: namespace.to_owned(),
-                        service_account: (*account).to_owned(),
-                    })
+                    Some((
+                        r.namespace.as_deref().unwrap_or(slice_namespace),
+                        r.name.as_deref()?,
+                    ))
                 });
+            let mut keys = vec![PodKey::Ip(ip)];
+            if let Some((namespace, name)) = pod {
+                keys.push(PodKey::Name {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                });
+            }
+            let identity =
+                pod.filter(|_| inbound.takes_mtls(&keys, number))
+                    .and_then(|(namespace, name)| {
+                        let account = accounts.get(&(namespace, name))?;
+                        Some(model::Workload {
+                            namespace: namespace.to_owned(),
+                            service_account: (*account).to_owned(),
+                        })
+                    });
             endpoints
                 .entry(SocketAddr::new(ip, number.get()))
                 .or_insert(identity);
@@ -263,7 +280,7 @@ pub(super) fn port_number(value: i32) -> Option<NonZeroU16> {
 
 #[cfg(test)]
 mod tests {
-    use crate::translate::fixtures::{addresses, service, translated, SHOP};
+    use crate::translate::fixtures::{addresses, service, translated, PODS, SHOP};
     use crate::translate::SERVICE;
     use trellis_proto::model::policy::Policy;
 
@@ -298,19 +315,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_carries_the_service_account_of_the_pod_its_target_ref_names() {
-        let pods = "
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v1-0, namespace: shop}
-spec: {serviceAccountName: reviews, containers: [{name: app, image: reviews}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: reviews-v2-0, namespace: shop}
-spec: {containers: [{name: app, image: reviews}]}
-";
-        let t = translated(&format!("{SHOP}{pods}"));
+        let t = translated(&format!("{SHOP}{PODS}"));
         let reviews = service(&t.mesh, "shop", "reviews");
         let identities: Vec<Option<String>> = reviews
             .endpoints

@@ -32,6 +32,9 @@ pub struct InboundPort {
     /// Which callers the port accepts: absent is PERMISSIVE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// Who may call the port: absent lets every caller in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<super::authorization::Authorization>,
 }
 
 /// What a pod's port accepts from its callers (ServerPolicy `mtls`).
@@ -43,7 +46,8 @@ pub enum MtlsMode {
     /// Mesh mTLS and plaintext both.
     #[default]
     Permissive,
-    /// No mesh mTLS (not supported yet: refused by the control plane).
+    /// No mesh mTLS: callers are told to send plaintext (the port's endpoints carry
+    /// no identity), and plaintext is accepted.
     Disable,
 }
 
@@ -219,6 +223,32 @@ impl Workload {
             "spiffe://{trust_domain}/ns/{}/sa/{}",
             self.namespace, self.service_account
         )
+    }
+}
+
+impl Workload {
+    /// The workload a SPIFFE ID of the mesh's form names, whatever its trust domain.
+    pub fn from_spiffe_id(id: &str) -> Option<Workload> {
+        let rest = id.strip_prefix("spiffe://")?;
+        let (_trust_domain, path) = rest.split_once('/')?;
+        let mut parts = path.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(namespace), Some("sa"), Some(account), None)
+                if !namespace.is_empty() && !account.is_empty() =>
+            {
+                Some(Workload {
+                    namespace: namespace.to_owned(),
+                    service_account: account.to_owned(),
+                })
+            }
+            _ => None,
+        }
     }
 }
 

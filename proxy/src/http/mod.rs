@@ -11,8 +11,8 @@ pub mod respond;
 
 use crate::{
     listen::detect::Protocol,
-    metrics::{status_label, Direction, REQUESTS_TOTAL, REQUEST_DURATION},
-    routing::table::SharedTable,
+    metrics::{status_label, Direction, AUTHZ_DENIED_TOTAL, REQUESTS_TOTAL, REQUEST_DURATION},
+    routing::table::{RouteTable, SharedTable},
     shutdown::Drain,
     stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Outcome, Req, Rsp},
     upstream::{
@@ -28,6 +28,7 @@ use respond::FLAGS_HEADER;
 use std::{
     convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant,
 };
+use trellis_proto::model::authorization::{Call, Caller};
 
 /// What the proxy shares between all the L7 connections of one direction.
 pub struct Shared {
@@ -46,6 +47,8 @@ pub struct HttpProxy {
     /// the proxy directly.
     original_dst: Option<SocketAddr>,
     client: SocketAddr,
+    /// The SPIFFE ID the client's mesh certificate proved, inbound over mTLS.
+    caller: Option<Arc<str>>,
     protocol: Protocol,
     /// The connection's hold on shutdown, lent to upgraded streams that outlive it.
     drain: Drain,
@@ -56,6 +59,7 @@ impl HttpProxy {
         shared: Arc<Shared>,
         original_dst: Option<SocketAddr>,
         client: SocketAddr,
+        caller: Option<Arc<str>>,
         protocol: Protocol,
         drain: Drain,
     ) -> Self {
@@ -63,6 +67,7 @@ impl HttpProxy {
             shared,
             original_dst,
             client,
+            caller,
             protocol,
             drain,
         }
@@ -179,6 +184,11 @@ impl HttpProxy {
             ));
         };
         if self.shared.direction == Direction::Inbound {
+            let call = Call::Http {
+                method: req.method(),
+                path: req.uri().path(),
+            };
+            authorize(&table, addr.port(), self.caller.as_deref(), call)?;
             if let Some(limit) = table.inbound_limit(addr.port()) {
                 limit.admit(&req)?;
             }
@@ -222,6 +232,40 @@ impl HttpProxy {
         )
         .record(start.elapsed().as_secs_f64());
     }
+}
+
+/// The pod's `port` lets `caller` (a SPIFFE ID, when mesh mTLS proved one) make
+/// `call`, or a 403 `AZ` says it does not; refusals are counted and logged.
+pub fn authorize(
+    table: &RouteTable,
+    port: u16,
+    caller: Option<&str>,
+    call: Call<'_>,
+) -> Result<(), Failure> {
+    let Some(authorization) = table.inbound_authorization(port) else {
+        return Ok(());
+    };
+    if authorization.allows(Caller { identity: caller }, call) {
+        return Ok(());
+    }
+    let protocol = match call {
+        Call::Http { .. } => "http",
+        Call::Opaque => "opaque",
+    };
+    metrics::counter!(AUTHZ_DENIED_TOTAL, "port" => port.to_string(), "protocol" => protocol)
+        .increment(1);
+    let caller = caller.unwrap_or("a caller without a mesh identity");
+    tracing::info!(
+        port,
+        caller,
+        protocol,
+        "refused by the port's authorization policy"
+    );
+    Err(Failure::local(
+        StatusCode::FORBIDDEN,
+        Flags::AZ,
+        format!("{caller} may not call port {port}"),
+    ))
 }
 
 fn authority<B>(req: &Request<B>) -> Option<&str> {

@@ -18,7 +18,7 @@ use crate::{
     settings::Settings,
     shutdown::Drain,
     stack::balance::outlier::Answer,
-    upstream::pool::Pool,
+    upstream::pool::{Opaque, Pool},
 };
 use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use io::ClientIo;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
-use trellis_proto::model::config::MtlsMode;
+use trellis_proto::model::{authorization::Call, config::MtlsMode};
 
 /// Everything a connection handler needs, shared by all of one listener's connections.
 pub struct Listener {
@@ -169,16 +169,16 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<Listener>, d
             refuse_strict("plaintext", peer);
         }
         Protocol::Http1 | Protocol::Http2 => {
-            serve_http(io, protocol, &state, original_dst, peer, drain).await;
+            serve_http(io, protocol, &state, original_dst, peer, None, drain).await;
         }
         Protocol::Tls => match (state.direction, mesh_server_config(&state)) {
             (Direction::Inbound, Some(config)) => {
                 inbound_tls(io, config, strict, &state, original_dst, peer, drain).await;
             }
             _ if strict => refuse_strict("not_mesh", peer),
-            _ => opaque(io, original_dst, &state, drain).await,
+            _ => opaque(io, original_dst, None, &state, drain).await,
         },
-        Protocol::Opaque => opaque(io, original_dst, &state, drain).await,
+        Protocol::Opaque => opaque(io, original_dst, None, &state, drain).await,
     }
 }
 
@@ -221,6 +221,7 @@ async fn serve_http<I>(
     state: &Listener,
     original_dst: Option<SocketAddr>,
     peer: SocketAddr,
+    caller: Option<Arc<str>>,
     mut drain: Drain,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -230,6 +231,7 @@ async fn serve_http<I>(
         state.http.clone(),
         original_dst,
         peer,
+        caller,
         protocol,
         drain.clone(),
     );
@@ -310,7 +312,7 @@ async fn inbound_tls<I>(
             metrics::Counter::noop(),
             metrics::Counter::noop(),
         );
-        return opaque(replayed, original_dst, state, drain).await;
+        return opaque(replayed, original_dst, None, state, drain).await;
     }
     start.io.stop();
     let tls = match tokio::time::timeout(state.settings.detect_timeout, start.into_stream(config))
@@ -329,28 +331,33 @@ async fn inbound_tls<I>(
     };
     metrics::counter!(TLS_HANDSHAKES_TOTAL, "result" => "ok").increment(1);
     let (_, session) = tls.get_ref();
-    let caller = session
+    // The client verifier took the chain; its leaf's one URI is the caller.
+    let caller: Option<Arc<str>> = session
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .map(|leaf| crate::tls::uri_names(leaf))
-        .unwrap_or_default();
+        .and_then(|leaf| crate::tls::uri_names(leaf).into_iter().next())
+        .map(Arc::from);
     tracing::debug!(?caller, %peer, "mesh mTLS accepted");
-    match session.alpn_protocol() {
-        Some(crate::tls::ALPN_HTTP2) => {
-            serve_http(tls, Protocol::Http2, state, original_dst, peer, drain).await
-        }
-        Some(crate::tls::ALPN_HTTP1) => {
-            serve_http(tls, Protocol::Http1, state, original_dst, peer, drain).await
-        }
-        _ => opaque(tls, original_dst, state, drain).await,
-    }
+    let protocol = match session.alpn_protocol() {
+        Some(crate::tls::ALPN_HTTP2) => Protocol::Http2,
+        Some(crate::tls::ALPN_HTTP1) => Protocol::Http1,
+        _ => return opaque(tls, original_dst, caller.as_deref(), state, drain).await,
+    };
+    serve_http(tls, protocol, state, original_dst, peer, caller, drain).await
 }
 
 /// Opaque bytes: outbound to a service's cluster IP, one of its endpoints, chosen
-/// by its balancer, where the connection counts as in flight while it lasts;
-/// anything else where the client dialled.
-async fn opaque<C>(mut io: C, original_dst: Option<SocketAddr>, state: &Listener, drain: Drain)
-where
+/// by its balancer, inside mesh mTLS when its identity is known, where the
+/// connection counts as in flight while it lasts; anything else where the client
+/// dialled. Inbound, the port's authorization decides first (`caller` is the
+/// identity mesh mTLS proved, if any).
+async fn opaque<C>(
+    mut io: C,
+    original_dst: Option<SocketAddr>,
+    caller: Option<&str>,
+    state: &Listener,
+    drain: Drain,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let direction = state.direction.label();
@@ -361,28 +368,40 @@ where
         );
         return;
     };
-    let pick = match state.direction {
+    let (pick, peer) = match state.direction {
         Direction::Outbound => {
             let table = state.http.table.load();
             let backend = table
                 .lookup_addr(&dst)
                 .and_then(|target| table.backend(&target.label));
             match backend {
-                Some(backend) => match backend.current().balancer.pick(None, None) {
-                    Some(pick) => Some(pick),
-                    None => {
-                        tracing::debug!(direction, %dst, "no endpoints for this cluster IP; closing");
-                        return;
+                Some(backend) => {
+                    let destination = backend.current();
+                    match destination.balancer.pick(None, None) {
+                        Some(pick) => {
+                            let peer = destination.identities.get(&pick.addr()).cloned();
+                            (Some(pick), peer)
+                        }
+                        None => {
+                            tracing::debug!(direction, %dst, "no endpoints for this cluster IP; closing");
+                            return;
+                        }
                     }
-                },
-                None => None,
+                }
+                None => (None, None),
             }
         }
-        Direction::Inbound => None,
+        Direction::Inbound => {
+            if !authorized(state, dst.port(), caller, Call::Opaque) {
+                return;
+            }
+            (None, None)
+        }
     };
     let target = pick.as_ref().map_or(dst, |pick| pick.addr());
-    let server = match tcp::connect(target, state.settings.connect_timeout).await {
-        Ok(server) => server,
+    let result = match state.http.pool.connect_opaque(target, peer.as_ref()).await {
+        Ok(Opaque::Plain(server)) => tcp::splice(&mut io, server).await,
+        Ok(Opaque::Mtls(server)) => tcp::splice(&mut io, server).await,
         Err(error) => {
             tracing::debug!(%error, direction, %target, "opaque connect failed; closing");
             if let Some(pick) = pick {
@@ -393,9 +412,16 @@ where
     };
     // Opaque bytes carry no signal for shutdown: they run until either side
     // closes or the drain timeout ends the process.
-    if let Err(error) = tcp::splice(&mut io, server).await {
+    if let Err(error) = result {
         tracing::debug!(%error, direction, %target, "opaque connection ended with an error");
     }
     drop(pick);
     drop(drain);
+}
+
+/// Whether the pod's `port` lets `caller` make `call`; a refusal is counted and
+/// logged.
+fn authorized(state: &Listener, port: u16, caller: Option<&str>, call: Call<'_>) -> bool {
+    let table = state.http.table.load();
+    crate::http::authorize(&table, port, caller, call).is_ok()
 }

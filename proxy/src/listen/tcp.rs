@@ -21,9 +21,10 @@ pub async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStr
 }
 
 /// Copies bytes both ways, half-closing each direction as its sender finishes.
-pub async fn splice<C>(client: &mut C, mut server: TcpStream) -> io::Result<()>
+pub async fn splice<C, S>(client: &mut C, mut server: S) -> io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::io::copy_bidirectional(client, &mut server).await?;
     Ok(())

@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use http::Request;
 use serde_json::json;
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use trellis_proto::model::authorization::Authorization;
 use trellis_proto::model::config::{Config, MtlsMode, Route, Service};
 use trellis_proto::model::policy::{Policy, RateLimit as RateLimitConfig};
 
@@ -325,6 +326,16 @@ impl RouteTable {
             .find(|p| p.port.get() == port)
             .and_then(|p| p.mtls)
             .unwrap_or_default()
+    }
+
+    /// Who may call one of the pod's own ports; `None` lets every caller in.
+    pub fn inbound_authorization(&self, port: u16) -> Option<&Authorization> {
+        self.config
+            .inbound
+            .iter()
+            .find(|p| p.port.get() == port)?
+            .authorization
+            .as_ref()
     }
 
     /// A destination by its `name.namespace:port` label.

@@ -41,8 +41,12 @@ impl Flags {
     pub const FI: Flags = Flags(1 << 8);
     /// Retries exhausted or refused by the budget while the upstream kept failing.
     pub const URX: Flags = Flags(1 << 9);
+    /// Refused by the port's authorization policy.
+    pub const AZ: Flags = Flags(1 << 10);
 
-    const NAMES: [&'static str; 10] = ["UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX"];
+    const NAMES: [&'static str; 11] = [
+        "UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX", "AZ",
+    ];
 
     pub fn union(self, other: Flags) -> Flags {
         Flags(self.0 | other.0)

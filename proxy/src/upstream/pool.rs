@@ -111,6 +111,12 @@ impl ConnectionLimit {
 /// The most idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// An opaque connection to an endpoint (see [`Pool::connect_opaque`]).
+pub enum Opaque {
+    Plain(TcpStream),
+    Mtls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// Connections are pooled by endpoint and, for mesh mTLS, by the peer identity they
 /// proved (a hash of it), so a connection is never reused for a peer it was not
 /// checked against.
@@ -225,6 +231,23 @@ impl Pool {
                 addr,
                 message: error.to_string(),
             })
+    }
+
+    /// A connection for opaque bytes to `addr`: inside mesh mTLS (ALPN
+    /// `trellis.dev/opaque`) when `peer` is known and the proxy has a
+    /// certificate, plaintext otherwise. Not pooled: it lasts as long as the
+    /// client's.
+    pub async fn connect_opaque(
+        &self,
+        addr: SocketAddr,
+        peer: Option<&Workload>,
+    ) -> Result<Opaque, UpstreamError> {
+        let tls = self.mtls(self.key(addr, peer), peer, crate::tls::ALPN_OPAQUE)?;
+        let io = self.connect(addr).await?;
+        Ok(match tls {
+            Some(config) => Opaque::Mtls(Box::new(Self::handshake_tls(addr, io, config).await?)),
+            None => Opaque::Plain(io),
+        })
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
