@@ -12,7 +12,7 @@ use trellis_control_plane::{
         ca::Authority,
         credentials::Credentials,
         secret,
-        service::{IdentityService, ROOT_EXPIRY_SECONDS},
+        service::{IdentityService, ISSUER_EXPIRY_SECONDS, ROOT_EXPIRY_SECONDS},
         tokens::BootstrapTokens,
     },
     source,
@@ -247,16 +247,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps the seconds left on the CA's own certificate on `/metrics`.
+/// Keeps the seconds left on the CA's own certificate and on the first root of
+/// its trust bundle on `/metrics`.
 async fn report_root_expiry(authority: Arc<Authority>) {
-    let gauge = metrics::gauge!(ROOT_EXPIRY_SECONDS);
+    let (issuer, root) = (
+        metrics::gauge!(ISSUER_EXPIRY_SECONDS),
+        metrics::gauge!(ROOT_EXPIRY_SECONDS),
+    );
+    let left = |at: std::time::SystemTime| {
+        at.duration_since(std::time::SystemTime::now())
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let left = authority
-            .not_after()
-            .duration_since(std::time::SystemTime::now())
-            .map_or(0.0, |d| d.as_secs_f64());
-        gauge.set(left);
+        issuer.set(left(authority.not_after()));
+        root.set(left(authority.roots_not_after()));
     }
 }

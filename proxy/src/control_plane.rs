@@ -1,9 +1,12 @@
 //! The proxy's connection to the control plane, shared by the discovery stream
 //! and the identity client: a gRPC channel, over TLS checked against the trust
 //! anchors when the URL is `https://` (the identity token is a secret and never
-//! travels in plaintext).
+//! travels in plaintext). The anchors start as `--trust-anchors` and follow the
+//! trust bundle each certificate arrives with, so a root rotated by the control
+//! plane is trusted here without a restart.
 
-use std::{path::Path, time::Duration};
+use arc_swap::ArcSwap;
+use std::{path::Path, sync::Arc, time::Duration};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// How long connecting to the control plane may take.
@@ -12,7 +15,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct ControlPlane {
     url: String,
-    tls: Option<ClientTlsConfig>,
+    /// The TLS configuration calls use, and the name the server's certificate
+    /// must carry.
+    tls: Option<(Arc<ArcSwap<ClientTlsConfig>>, String)>,
 }
 
 impl ControlPlane {
@@ -39,11 +44,13 @@ impl ControlPlane {
                         path.display()
                     ));
                 }
-                Some(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(roots))
-                        .domain_name(server_name),
-                )
+                let config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(roots))
+                    .domain_name(server_name);
+                Some((
+                    Arc::new(ArcSwap::from_pointee(config)),
+                    server_name.to_owned(),
+                ))
             }
         };
         Ok(ControlPlane {
@@ -61,12 +68,34 @@ impl ControlPlane {
         self.tls.is_some()
     }
 
+    /// Trusts `anchors` (DER roots, the bundle a certificate came with) from the
+    /// next connection on, instead of what was trusted before.
+    pub fn trust(&self, anchors: &[Vec<u8>]) {
+        let Some((config, server_name)) = &self.tls else {
+            return;
+        };
+        if anchors.is_empty() {
+            return;
+        }
+        let roots: Vec<Certificate> = anchors
+            .iter()
+            .map(|der| {
+                Certificate::from_pem(pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+            })
+            .collect();
+        config.store(Arc::new(
+            ClientTlsConfig::new()
+                .ca_certificates(roots)
+                .domain_name(server_name),
+        ));
+    }
+
     /// A new connection.
     pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
         let mut endpoint =
             Endpoint::from_shared(self.url.clone())?.connect_timeout(CONNECT_TIMEOUT);
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
+        if let Some((tls, _)) = &self.tls {
+            endpoint = endpoint.tls_config(ClientTlsConfig::clone(&tls.load()))?;
         }
         endpoint.connect().await
     }

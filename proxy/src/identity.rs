@@ -69,13 +69,23 @@ impl Identity {
                     .not_after
                     .duration_since(SystemTime::now())
                     .map_or(0, |d| d.as_secs());
+                let describe = |der: &Vec<u8>| match x509_parser::parse_x509_certificate(der) {
+                    Ok((_, cert)) => json!({
+                        "subject": cert.subject().to_string(),
+                        "serial": serial_of(&cert),
+                        "notAfter": cert.validity().not_after.timestamp(),
+                    }),
+                    Err(_) => json!(null),
+                };
                 json!({
                     "certificate": {
                         "identity": credentials.identity,
                         "serial": credentials.serial,
                         "notAfter": not_after,
                         "expiresInSeconds": left,
-                    }
+                        "issuer": credentials.chain.get(1).map(describe),
+                    },
+                    "trustAnchors": credentials.trust_anchors.iter().map(describe).collect::<Vec<_>>(),
                 })
             }
         }
@@ -139,6 +149,14 @@ where
     }
 }
 
+/// A certificate's serial in hex, as `openssl x509 -serial` prints it.
+fn serial_of(certificate: &x509_parser::certificate::X509Certificate<'_>) -> String {
+    certificate
+        .raw_serial_as_string()
+        .replace(':', "")
+        .to_uppercase()
+}
+
 /// One request: a new key, the token as it is now, the certificate back.
 async fn certify(control_plane: &ControlPlane, token_file: &Path) -> Result<Credentials, String> {
     let token = std::fs::read_to_string(token_file)
@@ -163,16 +181,14 @@ async fn certify(control_plane: &ControlPlane, token_file: &Path) -> Result<Cred
         .chain
         .first()
         .ok_or("the answer holds no certificate")?;
+    control_plane.trust(&response.trust_anchors);
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
     let not_after = UNIX_EPOCH
         + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0));
     Ok(Credentials {
         identity: response.identity,
-        serial: parsed
-            .raw_serial_as_string()
-            .replace(':', "")
-            .to_uppercase(),
+        serial: serial_of(&parsed),
         not_after,
         chain: response.chain,
         key: key.serialize_der(),

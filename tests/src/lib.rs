@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod netns;
 pub mod policy;
 pub mod prom;
+pub mod shop;
 pub mod sidecar;
 pub mod wait;
 

@@ -192,6 +192,17 @@ impl Sidecar {
         Metrics::parse(&String::from_utf8_lossy(&body))
     }
 
+    /// The proxy's `/config_dump`, or why there is none.
+    pub async fn config_dump(&self) -> Result<serde_json::Value, String> {
+        let (status, _, body) = get(&self.pod, admin(), "/config_dump")
+            .await
+            .map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("/config_dump: {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         // SAFETY: signalling our own child process.

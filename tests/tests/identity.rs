@@ -15,7 +15,7 @@ use trellis_tests::{
     http::{get, TIMEOUT},
     netns::{Network, Pod},
     prom::Metrics,
-    sidecar::{self, proxy_bin, Options, Sidecar},
+    sidecar::{proxy_bin, Options, Sidecar},
     wait::until,
     TempDir,
 };
@@ -175,12 +175,7 @@ async fn the_control_plane_certifies_the_identity_a_token_proves_over_tls_only()
 
 /// The certificate section of a sidecar's `/config_dump`.
 async fn certificate(sidecar: &Sidecar) -> serde_json::Value {
-    let (status, _, body) = get(&sidecar.pod, sidecar::admin(), "/config_dump")
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    let dump: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    dump["identity"]["certificate"].clone()
+    sidecar.config_dump().await.unwrap()["identity"]["certificate"].clone()
 }
 
 #[tokio::test]

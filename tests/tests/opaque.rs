@@ -8,9 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_tests::{
     apps,
     control_plane::ControlPlane,
-    http::get,
     netns::Network,
-    sidecar::{self, Sidecar},
+    sidecar::Sidecar,
     wait::{until, within},
 };
 
@@ -32,10 +31,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 /// The in-flight count the client's sidecar shows for the echo endpoint.
 async fn in_flight(client: &Sidecar) -> Result<u64, String> {
-    let (_, _, body) = get(&client.pod, sidecar::admin(), "/config_dump")
-        .await
-        .map_err(|e| e.to_string())?;
-    let dump: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let dump = client.config_dump().await?;
     dump["config"]["services"]
         .as_array()
         .and_then(|all| all.iter().find(|s| s["service"] == "echo.shop:7000"))

@@ -14,7 +14,7 @@ use trellis_tests::{
     control_plane::ControlPlane,
     http::get_with_host,
     netns::Network,
-    sidecar::{self, Sidecar},
+    sidecar::Sidecar,
     wait::until,
 };
 
@@ -199,14 +199,7 @@ impl Pods {
 
 /// `service` as a sidecar's `/config_dump` shows it, once it is there.
 async fn dumped(sidecar: &Sidecar, service: &str) -> Result<Value, String> {
-    let (status, _, body) =
-        trellis_tests::http::get(&sidecar.pod, sidecar::admin(), "/config_dump")
-            .await
-            .map_err(|e| e.to_string())?;
-    if status != 200 {
-        return Err(format!("/config_dump: {status}"));
-    }
-    let dump: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let dump = sidecar.config_dump().await?;
     dump["config"]["services"]
         .as_array()
         .and_then(|all| all.iter().find(|s| s["service"] == service))

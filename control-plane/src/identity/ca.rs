@@ -2,6 +2,12 @@
 //! signed) kept as `ca.crt` and `ca.key` in a directory, made on first start when
 //! neither file exists and never made again over an existing one.
 //!
+//! What proxies trust is the trust bundle: `trust-bundle.crt` beside them when it
+//! exists, else `ca.crt` alone. A bundle of two roots is how a root rotates with no
+//! failed request: first both roots in the bundle (signing with the old), then
+//! signing with the new, then the new alone. A bundle that would not verify what
+//! the authority signs is refused at start, not discovered in traffic.
+//!
 //! It signs a certificate for the key of a CSR and the identity a credential
 //! proved. Nothing of what the CSR asks for is taken but its key (and the proof
 //! that the requester holds it, its signature): the certificate carries
@@ -21,6 +27,7 @@ use std::{
 };
 use time::OffsetDateTime;
 use trellis_proto::model::config::Workload;
+use x509_parser::prelude::X509Certificate;
 
 /// How long a generated root lives.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -50,6 +57,10 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     cert_der: Vec<u8>,
     not_after: OffsetDateTime,
+    /// The roots proxies trust, DER.
+    trust_bundle: Vec<Vec<u8>>,
+    /// When the first of them expires.
+    roots_not_after: SystemTime,
     trust_domain: String,
     lifetime: Duration,
 }
@@ -62,8 +73,9 @@ fn files_error(path: &Path, message: impl fmt::Display) -> CaError {
 }
 
 impl Authority {
-    /// The authority kept in `dir` (`ca.crt`, `ca.key`), made there when neither
-    /// file exists. One without the other is refused rather than replaced.
+    /// The authority kept in `dir` (`ca.crt`, `ca.key`, and `trust-bundle.crt` if
+    /// it is there), made there when neither of the first two exists. One without
+    /// the other is refused rather than replaced.
     pub fn load_or_create(
         dir: &Path,
         trust_domain: &str,
@@ -88,20 +100,28 @@ impl Authority {
         }
         let read = |path: &Path| fs::read_to_string(path).map_err(|e| files_error(path, e));
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
+        let bundle_path = dir.join(TRUST_BUNDLE);
+        let bundle = match bundle_path.exists() {
+            true => Some(read(&bundle_path)?),
+            false => None,
+        };
         Authority::from_pem(
             &cert_pem,
             &key_pem,
+            bundle.as_deref(),
             &dir.display().to_string(),
             trust_domain,
             lifetime,
         )
     }
 
-    /// The authority of a root (`ca.crt`) and its key (`ca.key`), both PEM, kept at
+    /// The authority of a root (`ca.crt`) and its key (`ca.key`), both PEM, and
+    /// the roots proxies trust (`trust-bundle.crt`; absent: `ca.crt`), kept at
     /// `place` (named in errors).
     pub fn from_pem(
         cert_pem: &str,
         key_pem: &str,
+        bundle_pem: Option<&str>,
         place: &str,
         trust_domain: &str,
         lifetime: Duration,
@@ -118,12 +138,24 @@ impl Authority {
             return Err(error("ca.crt", "not a CA certificate".into()));
         }
         let not_after = parsed.validity().not_after.to_datetime();
+        let trust_bundle = match bundle_pem {
+            None => vec![cert_der.clone()],
+            Some(text) => trust_bundle(text, &parsed).map_err(|e| error(TRUST_BUNDLE, e))?,
+        };
+        let roots_not_after = trust_bundle
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, root)| SystemTime::from(root.validity().not_after.to_datetime()))
+            .min()
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
             .map_err(|e| error("ca.crt", format!("does not go with ca.key: {e}")))?;
         Ok(Authority {
             issuer,
             cert_der,
             not_after,
+            trust_bundle,
+            roots_not_after,
             trust_domain: trust_domain.to_owned(),
             lifetime,
         })
@@ -133,14 +165,24 @@ impl Authority {
         &self.trust_domain
     }
 
-    /// The authority's own certificate, DER: what proxies trust.
-    pub fn root_der(&self) -> &[u8] {
+    /// The authority's own certificate (the issuer), DER.
+    pub fn issuer_der(&self) -> &[u8] {
         &self.cert_der
     }
 
-    /// When the authority's certificate expires.
+    /// The roots proxies should trust, DER.
+    pub fn trust_bundle(&self) -> &[Vec<u8>] {
+        &self.trust_bundle
+    }
+
+    /// When the authority's own certificate (the issuer) expires.
     pub fn not_after(&self) -> SystemTime {
         SystemTime::from(self.not_after)
+    }
+
+    /// When the first root of the trust bundle expires.
+    pub fn roots_not_after(&self) -> SystemTime {
+        self.roots_not_after
     }
 
     /// A certificate for `workload` and the key of `csr` (PKCS#10, DER).
@@ -199,6 +241,42 @@ impl Authority {
     }
 }
 
+/// The file (and Secret key) of the trust bundle.
+pub const TRUST_BUNDLE: &str = "trust-bundle.crt";
+
+/// The CA certificates of a PEM bundle, DER, if one of them is `issuer` itself or
+/// signed it: otherwise proxies would refuse every certificate it signs.
+fn trust_bundle(text: &str, issuer: &X509Certificate<'_>) -> Result<Vec<Vec<u8>>, String> {
+    let blocks = pem::parse_many(text).map_err(|e| e.to_string())?;
+    let mut roots = Vec::new();
+    let mut anchors_issuer = false;
+    for (i, block) in blocks.iter().enumerate() {
+        if block.tag() != "CERTIFICATE" {
+            return Err(format!(
+                "block {} is a {}, not a CERTIFICATE",
+                i + 1,
+                block.tag()
+            ));
+        }
+        let (_, root) = x509_parser::parse_x509_certificate(block.contents())
+            .map_err(|e| format!("certificate {}: {e}", i + 1))?;
+        if !root.is_ca() {
+            return Err(format!("certificate {} is not a CA certificate", i + 1));
+        }
+        anchors_issuer |= block.contents() == issuer.as_raw()
+            || (root.subject() == issuer.issuer()
+                && issuer.verify_signature(Some(root.public_key())).is_ok());
+        roots.push(block.contents().to_vec());
+    }
+    if roots.is_empty() {
+        return Err("holds no certificate".into());
+    }
+    if !anchors_issuer {
+        return Err("holds neither ca.crt nor the root that signed it: proxies would refuse every certificate issued".into());
+    }
+    Ok(roots)
+}
+
 fn sign_error(error: rcgen::Error) -> CaError {
     CaError::Sign(error.to_string())
 }
@@ -249,10 +327,7 @@ fn pem_der(text: &str) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
-    use x509_parser::{
-        extensions::{GeneralName, ParsedExtension},
-        prelude::X509Certificate,
-    };
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -312,11 +387,11 @@ mod tests {
         );
         let again = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
         assert_eq!(
-            first.root_der(),
-            again.root_der(),
+            first.issuer_der(),
+            again.issuer_der(),
             "the same root after a restart"
         );
-        assert!(parse(again.root_der()).is_ca());
+        assert!(parse(again.issuer_der()).is_ca());
         let years = again.not_after().duration_since(SystemTime::now()).unwrap();
         assert!(years > Duration::from_secs(9 * 365 * 24 * 3600));
     }
@@ -354,9 +429,9 @@ mod tests {
             "spiffe://cluster.local/ns/shop/sa/frontend"
         );
         assert_eq!(issued.chain.len(), 2);
-        assert_eq!(issued.chain[1], ca.root_der());
+        assert_eq!(issued.chain[1], ca.issuer_der());
         let leaf = parse(&issued.chain[0]);
-        let root = parse(ca.root_der());
+        let root = parse(ca.issuer_der());
         leaf.verify_signature(Some(root.public_key()))
             .expect("signed by the root");
         assert!(!leaf.is_ca(), "the CSR asked to be a CA; it is not");
@@ -446,5 +521,67 @@ mod tests {
             text.contains("spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_trust_bundle_of_two_roots_is_what_proxies_get_and_must_hold_the_issuers_root() {
+        let dir = Dir::new("bundle");
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        assert_eq!(
+            ca.trust_bundle(),
+            [ca.issuer_der().to_vec()],
+            "no bundle: ca.crt"
+        );
+        let old = fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+        let (new, _) = new_root("cluster.local").unwrap();
+
+        // Old and new, signing with the old: both roots are trusted.
+        fs::write(dir.0.join(TRUST_BUNDLE), format!("{old}{new}")).unwrap();
+        let ca = Authority::load_or_create(&dir.0, "cluster.local", DAY).unwrap();
+        assert_eq!(ca.trust_bundle().len(), 2);
+        assert_eq!(ca.trust_bundle()[0], ca.issuer_der());
+
+        // A bundle without the root that signs would fail every handshake: refused.
+        fs::write(dir.0.join(TRUST_BUNDLE), &new).unwrap();
+        let error = Authority::load_or_create(&dir.0, "cluster.local", DAY)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("trust-bundle.crt: holds neither ca.crt nor the root that signed it"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_intermediate_signed_by_an_operators_root_issues_under_that_root() {
+        let root_key = KeyPair::generate().unwrap();
+        let mut root = CertificateParams::new(Vec::new()).unwrap();
+        root.distinguished_name
+            .push(DnType::CommonName, "operator root");
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let operator = Issuer::new(root, root_key);
+        let key = KeyPair::generate().unwrap();
+        let mut intermediate = CertificateParams::new(Vec::new()).unwrap();
+        intermediate
+            .distinguished_name
+            .push(DnType::CommonName, "trellis intermediate");
+        intermediate.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let intermediate = intermediate.signed_by(&key, &operator).unwrap();
+        let ca = Authority::from_pem(
+            &intermediate.pem(),
+            &key.serialize_pem(),
+            Some(&root_cert.pem()),
+            "test",
+            "cluster.local",
+            DAY,
+        )
+        .unwrap();
+        assert_eq!(ca.trust_bundle(), [root_cert.der().to_vec()]);
+        let issued = ca
+            .certify(&frontend(), &csr_asking_for("spiffe://x/y"))
+            .unwrap();
+        assert_eq!(issued.chain[1], intermediate.der().to_vec());
     }
 }

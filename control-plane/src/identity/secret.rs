@@ -1,9 +1,10 @@
-//! The mesh root kept in a Kubernetes Secret (`ca.crt`, `ca.key`), as the control
+//! The mesh root kept in a Kubernetes Secret (`ca.crt`, `ca.key`, and optionally
+//! `trust-bundle.crt`), as the control
 //! plane keeps it in a cluster: read when the Secret exists, made and stored when
 //! it does not, never replaced. Two replicas starting at once agree on one root:
 //! whichever creates the Secret second reads the first one's.
 
-use super::ca::{new_root, Authority, CaError};
+use super::ca::{new_root, Authority, CaError, TRUST_BUNDLE};
 use k8s_openapi::{api::core::v1::Secret, ByteString};
 use kube::api::{Api, PostParams};
 use std::{collections::BTreeMap, time::Duration};
@@ -63,9 +64,14 @@ pub async fn load_or_create(
         let bytes = data.get(key).ok_or_else(|| fail(format!("has no {key}")))?;
         String::from_utf8(bytes.0.clone()).map_err(|_| fail(format!("{key} is not PEM text")))
     };
+    let bundle = match data.contains_key(TRUST_BUNDLE) {
+        true => Some(text(TRUST_BUNDLE)?),
+        false => None,
+    };
     Authority::from_pem(
         &text("ca.crt")?,
         &text("ca.key")?,
+        bundle.as_deref(),
         &place,
         trust_domain,
         lifetime,

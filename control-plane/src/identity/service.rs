@@ -16,7 +16,9 @@ use trellis_proto::v1::{
 
 /// Counter, label `result`: `issued`, `bad_credential`, `bad_csr`, `error`.
 pub const CERTIFICATES_TOTAL: &str = "trellis_ca_certificates_total";
-/// Gauge: seconds until the authority's own certificate expires.
+/// Gauge: seconds until the authority's own certificate (the issuer) expires.
+pub const ISSUER_EXPIRY_SECONDS: &str = "trellis_ca_issuer_expiry_seconds";
+/// Gauge: seconds until the first root of the trust bundle expires.
 pub const ROOT_EXPIRY_SECONDS: &str = "trellis_ca_root_expiry_seconds";
 
 pub fn describe_metrics() {
@@ -26,9 +28,14 @@ pub fn describe_metrics() {
         "Certificate requests by result: issued, bad_credential, bad_csr, error."
     );
     metrics::describe_gauge!(
+        ISSUER_EXPIRY_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds until the certificate the mesh CA signs with expires: alert long before it does."
+    );
+    metrics::describe_gauge!(
         ROOT_EXPIRY_SECONDS,
         metrics::Unit::Seconds,
-        "Seconds until the mesh CA's own certificate expires: alert long before it does."
+        "Seconds until the first root proxies trust expires: rotate it long before it does."
     );
 }
 
@@ -97,7 +104,7 @@ impl Identity for IdentityService {
             .unwrap_or(0);
         Ok(Response::new(CertifyResponse {
             chain: issued.chain,
-            trust_anchors: vec![self.authority.root_der().to_vec()],
+            trust_anchors: self.authority.trust_bundle().to_vec(),
             not_after_unix,
             identity: issued.identity,
         }))
