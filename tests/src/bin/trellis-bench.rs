@@ -1,18 +1,26 @@
 //! The load harness behind `benches/run`: the same HTTP/1.1 app called directly,
 //! through one sidecar (client pod outbound), through two (client outbound, then
-//! server inbound), and through two with a full policy stack on the client's route
+//! server inbound), through two with a full policy stack on the client's route
 //! (route, timeouts, retry, breaker, rate limit, balancer with outlier detection),
-//! each in fresh pods with real iptables rules.
+//! and through two configured by a control plane, to a service's cluster IP, in
+//! plaintext and with mesh mTLS (the control plane as CA); each in fresh pods with
+//! real iptables rules. The control-plane pairs also measure new connections per
+//! second: opaque TCP to a cluster IP, each connection a new mesh mTLS handshake
+//! when meshed.
 //!
 //! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
 
 use std::{net::SocketAddr, process::Command, time::Duration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_tests::{
     apps,
+    control_plane::ControlPlane,
     netns::{Network, Pod},
+    shop::{self, addr, meshed_server},
     sidecar::{Options, Sidecar},
+    TempDir,
 };
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -112,6 +120,7 @@ fn start_app(pod: &Pod) {
             .unwrap();
         runtime.block_on(async move {
             let _app = apps::http_app(pod.listen(8080), "bench");
+            let _echo = apps::tcp_echo_app(pod.listen(7000));
             ready_tx.send(()).unwrap();
             std::future::pending::<()>().await;
         });
@@ -119,10 +128,61 @@ fn start_app(pod: &Pod) {
     ready_rx.recv().expect("app started");
 }
 
+/// How many connections per second `pod` opens to `target` and gets a one-byte
+/// echo back on, from 16 loops on a thread pinned to CPU 1, for `seconds`.
+fn connections_per_second(pod: &Pod, target: SocketAddr, seconds: u64) -> f64 {
+    let pod = pod.clone();
+    std::thread::spawn(move || {
+        // SAFETY: pinning this thread (pid 0 = caller).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(1, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+            let loops = (0..16).map(|_| {
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    let mut done = 0u64;
+                    // Bounded by the deadline and by count.
+                    while tokio::time::Instant::now() < deadline && done < 10_000_000 {
+                        let once = async {
+                            let mut stream = pod.connect(target).await?;
+                            stream.write_all(b"x").await?;
+                            let mut byte = [0u8; 1];
+                            stream.read_exact(&mut byte).await?;
+                            std::io::Result::Ok(())
+                        };
+                        match tokio::time::timeout(Duration::from_secs(5), once).await {
+                            Ok(Ok(())) => done += 1,
+                            _ => break,
+                        }
+                    }
+                    done
+                })
+            });
+            let mut total = 0;
+            for task in loops.collect::<Vec<_>>() {
+                total += task.await.unwrap_or(0);
+            }
+            total as f64 / seconds as f64
+        })
+    })
+    .join()
+    .expect("connection loop")
+}
+
 struct Row {
     setup: &'static str,
     fixed: Load,
     max: Load,
+    /// New opaque connections per second, for the control-plane pairs.
+    connections: Option<f64>,
     cpu_per_1000: Vec<f64>,
     rss_idle: Vec<f64>,
     rss_load: Vec<f64>,
@@ -148,27 +208,74 @@ const FULL_POLICY: &str = "services:
           rateLimit: {maxTokens: 4000000000, fillInterval: 1s}
 ";
 
+/// Where the two sidecars of a setup get their config from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    /// A static file (or none: passthrough).
+    File,
+    /// A control plane serving `shop::MESH`, in plaintext.
+    ControlPlane,
+    /// The same control plane as the mesh CA: the pair speaks mesh mTLS.
+    Mtls,
+}
+
 struct Setup {
     name: &'static str,
     sidecars_at: &'static [usize],
+    source: Source,
     client_config: Option<&'static str>,
     host: Option<&'static str>,
 }
 
-async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
-    let net = Network::new(2);
-    start_app(net.pod(1));
+/// The setup's sidecars (client first), and the control plane and CA files they
+/// use, which must outlive them.
+async fn sidecars(
+    setup: &Setup,
+    net: &Network,
+) -> (Vec<Sidecar>, Option<ControlPlane>, Option<TempDir>) {
     let mut sidecars = Vec::new();
-    for &i in setup.sidecars_at {
-        let options = Options {
-            config: if i == 0 { setup.client_config } else { None },
-            ..Default::default()
-        };
-        let sidecar = Sidecar::start(net.pod(i), options).await;
-        pin(sidecar.pid(), 0);
-        sidecars.push(sidecar);
+    let (mut control_plane, mut secrets) = (None, None);
+    match setup.source {
+        Source::File => {
+            for &i in setup.sidecars_at {
+                let options = Options {
+                    config: if i == 0 { setup.client_config } else { None },
+                    ..Default::default()
+                };
+                sidecars.push(Sidecar::start(net.pod(i), options).await);
+            }
+        }
+        Source::ControlPlane => {
+            let cp = ControlPlane::start(net.pod(2), &[("mesh.yaml", shop::MESH)]).await;
+            sidecars.push(cp.sidecar(net.pod(0), "client").await);
+            sidecars.push(cp.sidecar(net.pod(1), "server").await);
+            control_plane = Some(cp);
+        }
+        Source::Mtls => {
+            let files = TempDir::new("bench");
+            let (cp, server) = meshed_server(net, &files, &["frontend"], &[]).await;
+            sidecars.push(
+                cp.meshed_sidecar(net.pod(0), "client", &files, "frontend")
+                    .await,
+            );
+            sidecars.push(server);
+            (control_plane, secrets) = (Some(cp), Some(files));
+        }
     }
-    let target = SocketAddr::from((net.pod(1).ip, 8080));
+    for sidecar in &sidecars {
+        pin(sidecar.pid(), 0);
+    }
+    (sidecars, control_plane, secrets)
+}
+
+async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
+    let net = Network::new(3);
+    start_app(net.pod(1));
+    let (sidecars, _control_plane, _secrets) = sidecars(setup, &net).await;
+    let target = match setup.source {
+        Source::File => SocketAddr::from((net.pod(1).ip, 8080)),
+        Source::ControlPlane | Source::Mtls => addr(shop::REVIEWS),
+    };
     let client = net.pod(0).clone();
     let duration = format!("{seconds}s");
 
@@ -206,11 +313,14 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     let max = tokio::task::spawn_blocking(move || oha(&c, target, host, &["-z", &d, "-c", "32"]))
         .await
         .unwrap();
+    let connections = (setup.source != Source::File)
+        .then(|| connections_per_second(&client, addr(shop::ECHO_TCP), seconds.min(5)));
     drop(sidecars);
     Row {
         setup: setup.name,
         fixed,
         max,
+        connections,
         cpu_per_1000,
         rss_idle,
         rss_load,
@@ -244,26 +354,44 @@ async fn main() {
         Setup {
             name: "direct",
             sidecars_at: &[],
+            source: Source::File,
             client_config: None,
             host: None,
         },
         Setup {
             name: "one sidecar",
+            source: Source::File,
             sidecars_at: &[0],
             client_config: None,
             host: None,
         },
         Setup {
             name: "two sidecars",
+            source: Source::File,
             sidecars_at: &[0, 1],
             client_config: None,
             host: None,
         },
         Setup {
             name: "two sidecars, full policy stack",
+            source: Source::File,
             sidecars_at: &[0, 1],
             client_config: Some(FULL_POLICY),
             host: Some("bench.shop:8080"),
+        },
+        Setup {
+            name: "two sidecars, control plane, plaintext",
+            source: Source::ControlPlane,
+            sidecars_at: &[0, 1],
+            client_config: None,
+            host: None,
+        },
+        Setup {
+            name: "two sidecars, control plane, mTLS",
+            source: Source::Mtls,
+            sidecars_at: &[0, 1],
+            client_config: None,
+            host: None,
         },
     ];
     for setup in &setups {
@@ -271,11 +399,11 @@ async fn main() {
         rows.push(measure(setup, rate, seconds).await);
     }
     let direct = (rows[0].fixed.p50_ms, rows[0].fixed.p99_ms);
-    println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {} | {} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {} | {} | {} |",
             row.setup,
             row.fixed.p50_ms,
             row.fixed.p99_ms,
@@ -287,6 +415,7 @@ async fn main() {
             list(&row.cpu_per_1000, 3),
             list(&row.rss_idle, 1),
             list(&row.rss_load, 1),
+            row.connections.map_or("-".into(), |c| format!("{c:.0}")),
         );
     }
 }
