@@ -5,6 +5,7 @@ pub mod model {
     pub mod authorization;
     pub mod config;
     pub mod duration;
+    pub mod names;
     pub mod policy;
     pub mod regex;
     pub mod resources;

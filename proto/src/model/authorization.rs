@@ -6,7 +6,7 @@
 //! field given must match (any of its values). With ALLOW only matching calls pass
 //! (no rules: none pass); with DENY matching calls are refused.
 
-use super::config::{Method, Workload};
+use super::names::{Method, Workload};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
