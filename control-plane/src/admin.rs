@@ -41,6 +41,7 @@ pub fn describe_metrics() {
     crate::hub::describe_metrics();
     crate::discovery::describe_metrics();
     crate::identity::service::describe_metrics();
+    crate::inject::webhook::describe_metrics();
 }
 
 pub struct Admin {

@@ -16,7 +16,8 @@
 //!   changed) and recording each ACK or NACK.
 //!
 //! Beside them: [`identity`], the mesh's certificate authority and the service
-//! proxies get their certificates from; [`crd`], Trellis's own kinds
+//! proxies get their certificates from; [`inject`], the sidecar injector (a
+//! mutating admission webhook); [`crd`], Trellis's own kinds
 //! (TrafficPolicy, ServerPolicy) and their CustomResourceDefinitions; [`admin`],
 //! the admin port (`/ready`, `/metrics`, `/proxies`, `/status`).
 //!
@@ -28,5 +29,6 @@ pub mod crd;
 pub mod discovery;
 pub mod hub;
 pub mod identity;
+pub mod inject;
 pub mod source;
 pub mod translate;

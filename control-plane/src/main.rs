@@ -15,7 +15,7 @@ use trellis_control_plane::{
         service::{IdentityService, ISSUER_EXPIRY_SECONDS, ROOT_EXPIRY_SECONDS},
         tokens::BootstrapTokens,
     },
-    source,
+    inject, source,
 };
 use trellis_proto::model::config::Workload;
 
@@ -73,19 +73,81 @@ struct Cli {
     /// The control plane's own identity, as NAMESPACE/SERVICEACCOUNT.
     #[arg(long, default_value = "trellis-system/trellis-control-plane")]
     identity: String,
+    #[command(flatten)]
+    inject: InjectArgs,
+}
+
+/// The sidecar injector: served in Kubernetes mode when the control plane is the
+/// CA (its serving certificate is the webhook's).
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// Where the mutating admission webhook listens.
+    #[arg(long, default_value = "0.0.0.0:15017")]
+    webhook_addr: SocketAddr,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps.
+    #[arg(long, default_value = "trellis-sidecar-injector")]
+    webhook_configuration: String,
+    /// The image of injected init steps and proxies.
+    #[arg(long, default_value = "ghcr.io/trellis-mesh/trellis:latest")]
+    proxy_image: String,
+    /// Where injected proxies reach the control plane.
+    #[arg(
+        long,
+        default_value = "https://trellis-control-plane.trellis-system.svc:15010"
+    )]
+    proxy_control_plane: String,
+    /// Injected proxies' CPU request, unless a pod's trellis.dev/proxy-cpu says.
+    #[arg(long, default_value = "100m")]
+    proxy_cpu: String,
+    /// Injected proxies' memory request and limit, unless trellis.dev/proxy-memory says.
+    #[arg(long, default_value = "64Mi")]
+    proxy_memory: String,
+    /// Injected proxies' log filter (RUST_LOG).
+    #[arg(long, default_value = "info")]
+    proxy_log_level: String,
+    /// The ConfigMap of trust anchors kept in each injected namespace.
+    #[arg(long, default_value = "trellis-trust-anchors")]
+    trust_anchors_config_map: String,
+    /// Inject native sidecars (`always`), classic ones (`never`), or whichever
+    /// the API server supports (`auto`: native from 1.29).
+    #[arg(long, default_value = "auto")]
+    native_sidecars: NativeSidecars,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NativeSidecars {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Print Trellis's CustomResourceDefinitions (TrafficPolicy, ServerPolicy).
     Crds,
+    /// Print the chart's template of the Gateway API CRDs the control plane reads
+    /// (HTTPRoute, GRPCRoute).
+    GatewayApiCrds,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Crds) = cli.command {
-        print!("{}", trellis_control_plane::crd::crds_yaml());
-        return Ok(());
+    match cli.command {
+        Some(Command::Crds) => {
+            print!("{}", trellis_control_plane::crd::crds_yaml());
+            return Ok(());
+        }
+        Some(Command::GatewayApiCrds) => {
+            use trellis_control_plane::crd::{
+                gateway_api_crds_yaml, GATEWAY_API_CRDS_END, GATEWAY_API_CRDS_IF,
+            };
+            print!(
+                "{GATEWAY_API_CRDS_IF}{}{GATEWAY_API_CRDS_END}",
+                gateway_api_crds_yaml()
+            );
+            return Ok(());
+        }
+        None => {}
     }
     if let Some(dir) = &cli.local {
         anyhow::ensure!(dir.is_dir(), "--local {}: not a directory", dir.display());
@@ -203,7 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if let Some(authority) = authority {
         let authority = Arc::new(authority.context("the certificate authority")?);
-        let credentials = match (&cli.bootstrap_tokens, client) {
+        let credentials = match (&cli.bootstrap_tokens, client.clone()) {
             (Some(tokens), _) => {
                 Credentials::Bootstrap(BootstrapTokens::load(tokens).map_err(anyhow::Error::msg)?)
             }
@@ -227,9 +289,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         server = server
             .tls_config(
                 tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+                    .identity(tonic::transport::Identity::from_pem(&chain, &key)),
             )
             .context("TLS for the gRPC port")?;
+        if let (Some(client), None) = (&client, &cli.local) {
+            start_injector(&cli, client.clone(), &authority, &chain, &key).await?;
+        }
         tokio::spawn(report_root_expiry(authority.clone()));
         identity = Some(IdentityService::new(authority, Arc::new(credentials)));
     }
@@ -245,6 +310,92 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .context("gRPC server")?;
     Ok(())
+}
+
+/// Serves the injection webhook with the control plane's serving certificate, and
+/// keeps its configuration's caBundle and the proxies' trust anchors current.
+async fn start_injector(
+    cli: &Cli,
+    client: kube::Client,
+    authority: &Authority,
+    chain: &str,
+    key: &str,
+) -> anyhow::Result<()> {
+    let args = &cli.inject;
+    let native_sidecars = match args.native_sidecars {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::Auto => {
+            let version = client
+                .apiserver_version()
+                .await
+                .context("the API server's version")?;
+            let minor: u32 = version
+                .minor
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or(0);
+            version.major == "1" && minor >= 29
+        }
+    };
+    let namespace = cli
+        .identity
+        .split_once('/')
+        .map_or("trellis-system", |(namespace, _)| namespace)
+        .to_owned();
+    let trust_anchors: String = authority
+        .trust_bundle()
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    let settings = inject::Settings {
+        proxy_image: args.proxy_image.clone(),
+        control_plane_url: args.proxy_control_plane.clone(),
+        control_plane_name: cli.server_name.first().cloned().unwrap_or_default(),
+        namespace,
+        native_sidecars,
+        token_audience: cli.token_audience.clone(),
+        trust_anchors_config_map: args.trust_anchors_config_map.clone(),
+        proxy_cpu: args.proxy_cpu.clone(),
+        proxy_memory: args.proxy_memory.clone(),
+        log_level: args.proxy_log_level.clone(),
+    };
+    let tls = webhook_tls(chain, key).context("TLS for the webhook")?;
+    let listener = tokio::net::TcpListener::bind(args.webhook_addr)
+        .await
+        .with_context(|| format!("cannot bind the webhook port {}", args.webhook_addr))?;
+    tracing::info!(addr = %args.webhook_addr, native_sidecars, "sidecar injector started");
+    tokio::spawn(inject::webhook::keep_ca_bundle(
+        client.clone(),
+        args.webhook_configuration.clone(),
+        trust_anchors.clone(),
+    ));
+    tokio::spawn(inject::webhook::serve(
+        listener,
+        tls,
+        Arc::new(inject::webhook::Webhook {
+            settings,
+            client,
+            trust_anchors,
+        }),
+    ));
+    Ok(())
+}
+
+/// A TLS server configuration of a PEM chain and key.
+fn webhook_tls(chain: &str, key: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certificates = pem::parse_many(chain)?
+        .into_iter()
+        .map(|block| rustls::pki_types::CertificateDer::from(block.into_contents()))
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pem::parse(key)?.into_contents().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certificates, key)?;
+    Ok(Arc::new(config))
 }
 
 /// Keeps the seconds left on the CA's own certificate and on the first root of

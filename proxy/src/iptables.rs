@@ -163,12 +163,85 @@ pub fn cleanup_commands() -> Vec<Vec<String>> {
 pub enum InitError {
     #[error("cannot run iptables (is it installed? `apt-get install -y iptables`): {0}")]
     Spawn(std::io::Error),
-    #[error("`iptables -t nat {command}` failed: {stderr}")]
-    Failed { command: String, stderr: String },
+    #[error("`{backend} -t nat {command}` failed: {stderr}")]
+    Failed {
+        backend: &'static str,
+        command: String,
+        stderr: String,
+    },
 }
 
-fn iptables(arguments: &[String]) -> Result<(), InitError> {
-    let output = Command::new("iptables")
+/// Which iptables writes the rules. A node's kernel filters with nf_tables or
+/// with the legacy tables, and rules written with the other are silently
+/// ignored, so init uses the one the node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+    /// `iptables` as installed, when neither variant is.
+    Plain,
+}
+
+impl Backend {
+    pub fn command(self) -> &'static str {
+        match self {
+            Backend::Nft => "iptables-nft",
+            Backend::Legacy => "iptables-legacy",
+            Backend::Plain => "iptables",
+        }
+    }
+
+    /// As iptables-wrapper chooses: the variant that already holds more rules
+    /// here (whatever the node or the CNI wrote); on a tie, the one `iptables`
+    /// itself is (`iptables --version` says `nf_tables` or `legacy`).
+    pub fn detect() -> Backend {
+        let rules = |save: &str| -> Option<usize> {
+            let output = Command::new(save).output().ok()?;
+            output.status.success().then(|| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .filter(|line| line.starts_with("-A"))
+                    .count()
+            })
+        };
+        match (rules("iptables-nft-save"), rules("iptables-legacy-save")) {
+            (None, None) => Backend::Plain,
+            (Some(_), None) => Backend::Nft,
+            (None, Some(_)) => Backend::Legacy,
+            (Some(nft), Some(legacy)) if nft > legacy => Backend::Nft,
+            (Some(nft), Some(legacy)) if legacy > nft => Backend::Legacy,
+            _ => {
+                let version = Command::new("iptables")
+                    .arg("--version")
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if version.contains("legacy") {
+                    Backend::Legacy
+                } else {
+                    Backend::Nft
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "nft" => Ok(Backend::Nft),
+            "legacy" => Ok(Backend::Legacy),
+            other => Err(format!(
+                "{other:?} is not an iptables backend (nft, legacy)"
+            )),
+        }
+    }
+}
+
+fn iptables(backend: Backend, arguments: &[String]) -> Result<(), InitError> {
+    let output = Command::new(backend.command())
         .args(["-w", "5", "-t", "nat"])
         .args(arguments)
         .output()
@@ -177,6 +250,7 @@ fn iptables(arguments: &[String]) -> Result<(), InitError> {
         Ok(())
     } else {
         Err(InitError::Failed {
+            backend: backend.command(),
             command: arguments.join(" "),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
@@ -184,12 +258,12 @@ fn iptables(arguments: &[String]) -> Result<(), InitError> {
 }
 
 /// Removes Trellis's rules; rules and chains that are not there are fine.
-pub fn cleanup() -> Result<(), InitError> {
+pub fn cleanup(backend: Backend) -> Result<(), InitError> {
     for command in cleanup_commands() {
         // A jump may have been added more than once by hand: delete until gone.
         let deleting = command[0] == "-D";
         loop {
-            match iptables(&command) {
+            match iptables(backend, &command) {
                 Ok(()) if deleting => continue,
                 Ok(()) => break,
                 Err(InitError::Spawn(e)) => return Err(InitError::Spawn(e)),
@@ -201,10 +275,10 @@ pub fn cleanup() -> Result<(), InitError> {
 }
 
 /// Replaces any earlier Trellis rules with `rules`.
-pub fn install(rules: &Rules) -> Result<(), InitError> {
-    cleanup()?;
+pub fn install(rules: &Rules, backend: Backend) -> Result<(), InitError> {
+    cleanup(backend)?;
     for command in rules.install_commands() {
-        iptables(&command)?;
+        iptables(backend, &command)?;
     }
     Ok(())
 }

@@ -29,6 +29,18 @@ enum Command {
     Init(InitArgs),
     /// Run the proxy.
     Run(Box<RunArgs>),
+    /// Wait until the proxy beside this process is ready (`GET /ready` on its
+    /// admin port answers 200), at most `--timeout`: a postStart hook, so that
+    /// the app's containers start only once the proxy can carry their traffic.
+    Wait(WaitArgs),
+}
+
+#[derive(Args)]
+struct WaitArgs {
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin_addr: SocketAddr,
+    #[arg(long, default_value = "120s", value_parser = duration::parse)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -55,6 +67,10 @@ struct InitArgs {
     /// Outbound destination ranges left alone (comma list of CIDRs).
     #[arg(long, value_delimiter = ',')]
     exclude_outbound_cidrs: Vec<Cidr>,
+    /// Which iptables to write with: `nft`, `legacy`, or (absent) the one this
+    /// network namespace already uses, as iptables-wrapper chooses.
+    #[arg(long, env = "TRELLIS_IPTABLES_BACKEND")]
+    iptables_backend: Option<iptables::Backend>,
     /// Print the iptables commands instead of running them.
     #[arg(long)]
     dry_run: bool,
@@ -142,6 +158,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init(args),
         Command::Run(args) => run(*args),
+        Command::Wait(args) => wait(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +180,9 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         exclude_outbound_ports: args.exclude_outbound_ports,
         exclude_outbound_cidrs: args.exclude_outbound_cidrs,
     };
+    let backend = args
+        .iptables_backend
+        .unwrap_or_else(iptables::Backend::detect);
     if args.dry_run {
         let commands = if args.cleanup {
             iptables::cleanup_commands()
@@ -173,16 +193,46 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
                 .collect()
         };
         for command in commands {
-            println!("iptables -t nat {}", command.join(" "));
+            println!("{} -t nat {}", backend.command(), command.join(" "));
         }
         return Ok(());
     }
     if args.cleanup {
-        iptables::cleanup()?;
+        iptables::cleanup(backend)?;
     } else {
-        iptables::install(&rules)?;
+        iptables::install(&rules, backend)?;
     }
     Ok(())
+}
+
+fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + args.timeout;
+    let mut last = String::from("not tried");
+    while std::time::Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&args.admin_addr, Duration::from_secs(1))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(
+                b"GET /ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })();
+        match attempt {
+            Ok(answer) if answer.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(answer) => last = answer.lines().last().unwrap_or_default().to_owned(),
+            Err(error) => last = error.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    anyhow::bail!(
+        "the proxy at {} was not ready within {:?}: {last}",
+        args.admin_addr,
+        args.timeout
+    )
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -93,11 +93,18 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
     let before = pod.nat_rules();
     let output = init(
         pod,
-        &["--dry-run", "--exclude-outbound-cidrs", "198.19.0.0/16"],
+        &[
+            "--dry-run",
+            "--iptables-backend",
+            "nft",
+            "--exclude-outbound-cidrs",
+            "198.19.0.0/16",
+        ],
     );
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(
-        printed.contains("iptables -t nat -A TRELLIS_OUTPUT -m owner --uid-owner 1337 -j RETURN"),
+        printed
+            .contains("iptables-nft -t nat -A TRELLIS_OUTPUT -m owner --uid-owner 1337 -j RETURN"),
         "{printed}"
     );
     assert!(
@@ -105,6 +112,53 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
         "{printed}"
     );
     assert_eq!(pod.nat_rules(), before);
+}
+
+#[test]
+fn init_writes_with_the_iptables_the_pod_already_uses() {
+    let backend = |pod: &Pod| {
+        let output = init(pod, &["--dry-run"]);
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+        printed.split(' ').next().unwrap_or_default().to_owned()
+    };
+    let net = Network::new(2);
+    // Rules the node (or a CNI) wrote with legacy iptables: init follows them.
+    let legacy = net.pod(0);
+    let status = legacy
+        .command("iptables-legacy")
+        .args([
+            "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(backend(legacy), "iptables-legacy");
+    init(legacy, &[]);
+    let saved = legacy
+        .command("iptables-legacy-save")
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(
+        saved.contains("-A OUTPUT -p tcp -j TRELLIS_OUTPUT"),
+        "{saved}"
+    );
+    // No rules either way: the one `iptables` itself is (nf_tables here).
+    assert_eq!(backend(net.pod(1)), "iptables-nft");
+    let refused = net
+        .pod(1)
+        .command(proxy_bin().to_str().unwrap())
+        .args(["init", "--iptables-backend", "ebtables"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("\"ebtables\" is not an iptables backend"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 #[test]

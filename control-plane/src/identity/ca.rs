@@ -202,7 +202,8 @@ impl Authority {
     }
 
     /// A certificate chain and key (PEM) for the control plane's own TLS server,
-    /// as `workload`, also valid for `dns_names` (what proxies dial it by).
+    /// as `workload`, also valid for `dns_names` (what proxies and the API server
+    /// dial it by; an address becomes an IP SAN).
     pub fn serving_certificate(
         &self,
         workload: &Workload,
@@ -211,8 +212,12 @@ impl Authority {
         let key = KeyPair::generate().map_err(sign_error)?;
         let (mut params, _) = self.leaf(workload)?;
         for name in dns_names {
-            let name = name.clone().try_into().map_err(sign_error)?;
-            params.subject_alt_names.push(SanType::DnsName(name));
+            // An address (a webhook the API server calls on loopback) is an IP SAN.
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into().map_err(sign_error)?),
+            };
+            params.subject_alt_names.push(san);
         }
         let cert = params.signed_by(&key, &self.issuer).map_err(sign_error)?;
         let root = pem::encode(&pem::Pem::new("CERTIFICATE", self.cert_der.clone()));
@@ -507,7 +512,10 @@ mod tests {
             namespace: "trellis-system".into(),
             service_account: "trellis-control-plane".into(),
         };
-        let names = ["trellis-control-plane.trellis-system.svc".to_owned()];
+        let names = [
+            "trellis-control-plane.trellis-system.svc".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
         let (chain, key) = ca.serving_certificate(&workload, &names).unwrap();
         assert!(KeyPair::from_pem(&key).is_ok());
         let leaf = pem::parse_many(&chain).unwrap();
@@ -521,6 +529,7 @@ mod tests {
             text.contains("spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane"),
             "{text}"
         );
+        assert!(text.contains("IPAddress([127, 0, 0, 1])"), "{text}");
     }
 
     #[test]
