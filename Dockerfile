@@ -1,0 +1,21 @@
+# The one image of Trellis: trellis-control-plane and trellis-proxy, built in a Rust
+# stage and shipped on a slim base with iptables (nft and legacy), which the
+# injected init step (`trellis-proxy init`) runs. The chart and the injector call
+# both binaries by name; they run as the users the pod specs set (the control
+# plane 65532, the proxy 1337, the init step root with NET_ADMIN and NET_RAW only).
+#
+#   docker build -t ghcr.io/trellis-mesh/trellis:0.1.0 .
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+# protox compiles the protos in Rust: no protoc is needed.
+RUN cargo build --release --locked -p trellis-proxy -p trellis-control-plane --bins
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/trellis-proxy /src/target/release/trellis-control-plane /usr/local/bin/
+USER 65532:65532
+ENTRYPOINT ["trellis-control-plane"]
