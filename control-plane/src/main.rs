@@ -73,6 +73,10 @@ struct Cli {
     /// The control plane's own identity, as NAMESPACE/SERVICEACCOUNT.
     #[arg(long, default_value = "trellis-system/trellis-control-plane")]
     identity: String,
+    /// Kubernetes mode with more than one replica: the Lease NAMESPACE/NAME whose
+    /// holder alone writes status. Without it this replica always writes.
+    #[arg(long)]
+    lease: Option<String>,
     #[command(flatten)]
     inject: InjectArgs,
 }
@@ -206,7 +210,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             format!("local directory {}", dir.display())
         }
         (None, Some(client)) => {
-            tokio::spawn(source::kube::run(client.clone(), hub.clone()));
+            let lease = match &cli.lease {
+                None => None,
+                Some(lease) => {
+                    let (namespace, name) = lease
+                        .split_once('/')
+                        .context("--lease: expected NAMESPACE/NAME")?;
+                    // The pod's name (the chart sets POD_NAME), unique per replica.
+                    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+                        format!(
+                            "{}-{}",
+                            std::process::id(),
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_nanos())
+                        )
+                    });
+                    Some(source::kube::LeaseName {
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                        identity,
+                    })
+                }
+            };
+            tokio::spawn(source::kube::run(client.clone(), hub.clone(), lease));
             "Kubernetes API".to_owned()
         }
         (None, None) => anyhow::bail!("neither --local nor a Kubernetes client"),

@@ -21,6 +21,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::{collections::HashMap, fmt::Debug, sync::Arc};
+use tokio::sync::watch;
 
 /// The `controllerName` Trellis writes in an HTTPRoute's `status.parents`.
 pub const CONTROLLER_NAME: &str = "trellis.dev/control-plane";
@@ -73,19 +74,39 @@ fn conditions(
 
 type StatusKey = (&'static str, String, String);
 
-/// Writes the statuses of each new snapshot.
-pub(super) async fn write_statuses(client: Client, hub: Hub, sources: Arc<Sources>) {
+/// Writes the statuses of each new snapshot, while `leader` says this replica
+/// writes status (always, without a Lease).
+pub(super) async fn write_statuses(
+    client: Client,
+    hub: Hub,
+    sources: Arc<Sources>,
+    mut leader: Option<watch::Receiver<bool>>,
+) {
     let mut snapshots = hub.snapshots();
     // What was last written to each object, and the resourceVersion it had before
     // the write: while the store still shows that version, it has not seen the
     // write yet, and the write is not repeated.
     let mut written: HashMap<StatusKey, (Value, String)> = HashMap::new();
     loop {
+        let leading = leader.as_mut().is_none_or(|l| *l.borrow_and_update());
         let snapshot = snapshots.borrow_and_update().clone();
-        if let Some(snapshot) = snapshot {
-            write_snapshot(&client, &sources, &snapshot, &mut written).await;
+        match snapshot {
+            Some(snapshot) if leading => {
+                write_snapshot(&client, &sources, &snapshot, &mut written).await
+            }
+            // Another replica writes; whoever leads next writes everything again.
+            _ => written.clear(),
         }
-        if snapshots.changed().await.is_err() {
+        let changed = async {
+            match &mut leader {
+                Some(leader) => tokio::select! {
+                    changed = snapshots.changed() => changed.is_ok(),
+                    changed = leader.changed() => changed.is_ok(),
+                },
+                None => snapshots.changed().await.is_ok(),
+            }
+        };
+        if !changed.await {
             return;
         }
     }
