@@ -349,7 +349,16 @@ impl ControlPlane {
 
     /// [`ControlPlane::start`] with more flags.
     pub async fn start_with(kubeconfig: &Path, args: &[&str]) -> ControlPlane {
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        ControlPlane::start_at(
+            kubeconfig,
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            args,
+        )
+        .await
+    }
+
+    /// [`ControlPlane::start_with`], serving proxies on `grpc`.
+    pub async fn start_at(kubeconfig: &Path, grpc: SocketAddr, args: &[&str]) -> ControlPlane {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cp = ControlPlane {
             process: Process::new("kube-cp"),

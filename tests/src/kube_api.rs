@@ -3,10 +3,11 @@
 //! with them (a proxy's config, an object's status conditions).
 
 use crate::{
-    kube::{ControlPlane, Proxy},
+    kube::{tool, ControlPlane, Proxy},
     wait::until,
 };
 use gateway_api::apis::standard::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
@@ -195,5 +196,58 @@ where
             Err(format!("status: {status}"))
         }
     })
+    .await
+}
+
+/// The chart's MutatingWebhookConfiguration as `helm template` renders it, with
+/// each webhook calling `url` instead of the in-cluster Service.
+pub fn chart_webhooks(url: &str) -> MutatingWebhookConfiguration {
+    let output = std::process::Command::new(tool("helm"))
+        .args(["template", "trellis"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/trellis"))
+        .args(["--namespace", "trellis-system", "--kube-version", "1.20.0"])
+        .output()
+        .expect("run helm template");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut configuration: Value = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| serde_yaml_ng::Value::deserialize(document).unwrap())
+        .map(|value| serde_json::to_value(value).unwrap())
+        .find(|object| object["kind"] == "MutatingWebhookConfiguration")
+        .expect("the chart renders a MutatingWebhookConfiguration");
+    for webhook in configuration["webhooks"].as_array_mut().unwrap() {
+        webhook["clientConfig"] = json!({"url": url});
+    }
+    serde_json::from_value(configuration).unwrap()
+}
+
+/// Waits until the control plane has set the `caBundle` of both webhooks of
+/// `trellis-sidecar-injector`; the bundle (PEM).
+pub async fn ca_bundle_set(client: &Client) -> String {
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    until(
+        Duration::from_secs(30),
+        "the caBundle set by the control plane",
+        || async {
+            let configuration = configurations
+                .get("trellis-sidecar-injector")
+                .await
+                .map_err(|e| e.to_string())?;
+            let bundles: Vec<_> = configuration
+                .webhooks
+                .iter()
+                .flatten()
+                .filter_map(|w| w.client_config.ca_bundle.clone())
+                .collect();
+            match bundles.len() {
+                2 => Ok(String::from_utf8(bundles[0].0.clone()).unwrap_or_default()),
+                n => Err(format!("{n} of 2 webhooks have a caBundle")),
+            }
+        },
+    )
     .await
 }

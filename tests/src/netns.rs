@@ -140,6 +140,62 @@ impl Network {
         &self.pods[i]
     }
 
+    /// Connects the host (the root network namespace, where the API server and a
+    /// control plane in Kubernetes mode run) to pod `i`: a veth from the host to
+    /// the network's bridge, the host at `host_ip` and a route to the pod's
+    /// address alone. Gone with the network.
+    pub fn link_host(&self, i: usize, host_ip: Ipv4Addr) {
+        let name = format!(
+            "trh{}",
+            NEXT_NETWORK.fetch_add(1, Ordering::Relaxed)
+                + std::process::id() as usize % 100_000 * 100
+        );
+        let bridge_side = format!("{name}b");
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &bridge_side,
+                "netns",
+                &self.switch,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                &bridge_side,
+                "master",
+                "br0",
+                "up",
+            ],
+        );
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/32"), "dev", &name],
+        );
+        run("ip", &["link", "set", &name, "up"]);
+        run(
+            "ip",
+            &[
+                "route",
+                "add",
+                &format!("{}/32", self.pods[i].ip),
+                "dev",
+                &name,
+            ],
+        );
+    }
+
     /// The name prefix of everything this network created.
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -11,45 +11,15 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod},
 };
 use kube::api::{Api, PostParams};
-use serde::Deserialize;
 use serde_json::{json, Value};
-use std::{path::Path, time::Duration};
+use std::path::Path;
 use trellis_tests::{
-    kube::{free_port, tool, ApiServer, ControlPlane},
-    kube_api::namespace,
-    wait::until,
+    kube::{free_port, ApiServer, ControlPlane},
+    kube_api::{ca_bundle_set, chart_webhooks, namespace},
 };
-
-const LIMIT: Duration = Duration::from_secs(30);
 
 fn repo_root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-/// The chart's MutatingWebhookConfiguration as `helm template` renders it, with
-/// each webhook calling `url` instead of the in-cluster Service.
-fn chart_webhooks(url: &str) -> MutatingWebhookConfiguration {
-    let output = std::process::Command::new(tool("helm"))
-        .args(["template", "trellis"])
-        .arg(repo_root().join("charts/trellis"))
-        .args(["--namespace", "trellis-system", "--kube-version", "1.20.0"])
-        .output()
-        .expect("run helm template");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout).unwrap();
-    let mut configuration: Value = serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|document| serde_yaml_ng::Value::deserialize(document).unwrap())
-        .map(|value| serde_json::to_value(value).unwrap())
-        .find(|object| object["kind"] == "MutatingWebhookConfiguration")
-        .expect("the chart renders a MutatingWebhookConfiguration");
-    for webhook in configuration["webhooks"].as_array_mut().unwrap() {
-        webhook["clientConfig"] = json!({"url": url});
-    }
-    serde_json::from_value(configuration).unwrap()
 }
 
 /// A control plane in Kubernetes mode, the CA with its root in
@@ -102,30 +72,13 @@ async fn pods_created_through_the_api_are_injected_or_left_alone_as_their_namesp
         .unwrap();
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}/inject");
-    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    configurations
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
         .create(&PostParams::default(), &chart_webhooks(&url))
         .await
         .expect("the chart's webhook configuration, as the API server takes it");
     let mut cp = injector(&api, &format!("127.0.0.1:{port}"), "auto").await;
     // The control plane trusts its webhook to the API server.
-    let ca_bundle = until(LIMIT, "the caBundle set by the control plane", || async {
-        let configuration = configurations
-            .get("trellis-sidecar-injector")
-            .await
-            .map_err(|e| e.to_string())?;
-        let bundles: Vec<_> = configuration
-            .webhooks
-            .iter()
-            .flatten()
-            .filter_map(|w| w.client_config.ca_bundle.clone())
-            .collect();
-        match bundles.len() {
-            2 => Ok(String::from_utf8(bundles[0].0.clone()).unwrap()),
-            n => Err(format!("{n} of 2 webhooks have a caBundle")),
-        }
-    })
-    .await;
+    let ca_bundle = ca_bundle_set(&client).await;
     assert!(ca_bundle.contains("-----BEGIN CERTIFICATE-----"));
 
     let pods = |namespace: &str| Api::<Pod>::namespaced(client.clone(), namespace);
