@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::model::config::Workload;
 use trellis_proto::v1::{
     discovery_server::{Discovery, DiscoveryServer},
     DiscoveryRequest, DiscoveryResponse, Node, Resource,
@@ -96,6 +97,11 @@ pub fn describe_metrics() {
         Unit::Count,
         "Versions refused (NACKed) by proxies."
     );
+    metrics::describe_counter!(
+        STREAMS_REFUSED_TOTAL,
+        Unit::Count,
+        "Discovery streams refused: no mesh certificate, or a pod the certificate's workload is not."
+    );
     metrics::describe_histogram!(
         "trellis_cp_convergence_seconds",
         Unit::Seconds,
@@ -108,11 +114,24 @@ pub struct DiscoveryService {
     hub: Hub,
     proxies: Proxies,
     next_id: AtomicU64,
+    /// With a CA: a stream must present a mesh certificate, and gets only the
+    /// view of a pod of the workload it proves.
+    authenticate: bool,
 }
 
+/// Counter, label `reason` (`no_certificate`, `other_namespace`,
+/// `other_service_account`): discovery streams refused.
+pub const STREAMS_REFUSED_TOTAL: &str = "trellis_cp_streams_refused_total";
+
 impl DiscoveryService {
-    pub fn new(hub: Hub, proxies: Proxies) -> DiscoveryServer<DiscoveryService> {
-        DiscoveryServer::new(DiscoveryService::serving(hub, proxies))
+    pub fn new(
+        hub: Hub,
+        proxies: Proxies,
+        authenticate: bool,
+    ) -> DiscoveryServer<DiscoveryService> {
+        let mut service = DiscoveryService::serving(hub, proxies);
+        service.authenticate = authenticate;
+        DiscoveryServer::new(service)
     }
 
     fn serving(hub: Hub, proxies: Proxies) -> DiscoveryService {
@@ -120,6 +139,45 @@ impl DiscoveryService {
             hub,
             proxies,
             next_id: AtomicU64::new(1),
+            authenticate: false,
+        }
+    }
+
+    /// Refuses a stream whose node is not a pod of `workload` (what its
+    /// certificate proves): another namespace, or a pod the snapshot knows runs
+    /// as another service account.
+    fn check_claim(&self, workload: &Workload, node: Option<&Node>) -> Result<(), Status> {
+        let Some(node) = node else {
+            return Ok(());
+        };
+        let refuse = |reason: &'static str, message: String| {
+            metrics::counter!(STREAMS_REFUSED_TOTAL, "reason" => reason).increment(1);
+            tracing::warn!(reason, %message, "discovery stream refused");
+            Err(Status::permission_denied(message))
+        };
+        if node.namespace != workload.namespace {
+            return refuse(
+                "other_namespace",
+                format!(
+                    "the certificate proves {workload}; the stream claims pod {}/{}",
+                    node.namespace, node.pod
+                ),
+            );
+        }
+        let snapshot = self.hub.snapshots().borrow().clone();
+        let account = snapshot.as_ref().and_then(|s| {
+            s.service_account_of(&node.namespace, &node.pod)
+                .map(str::to_owned)
+        });
+        match account {
+            Some(account) if account != workload.service_account => refuse(
+                "other_service_account",
+                format!(
+                    "the certificate proves {workload}; pod {}/{} runs as {}/{account}",
+                    node.namespace, node.pod, node.namespace
+                ),
+            ),
+            _ => Ok(()),
         }
     }
 
@@ -163,6 +221,32 @@ impl DiscoveryService {
     }
 }
 
+/// The workload the client's mesh certificate proves.
+fn caller<T>(request: &Request<T>) -> Result<Workload, Status> {
+    let refused = || {
+        metrics::counter!(STREAMS_REFUSED_TOTAL, "reason" => "no_certificate").increment(1);
+        Status::unauthenticated(
+            "discovery needs the proxy's mesh certificate (from the identity service)",
+        )
+    };
+    let certificates = request.peer_certs().ok_or_else(refused)?;
+    let leaf = certificates.first().ok_or_else(refused)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|_| refused())?;
+    let san = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(refused)?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Workload::from_spiffe_id(uri),
+            _ => None,
+        })
+        .ok_or_else(refused)
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -173,10 +257,17 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let workload = match self.authenticate {
+            true => Some(caller(&request)?),
+            false => None,
+        };
         let mut incoming = request.into_inner();
         let first = incoming.message().await?.ok_or_else(|| {
             Status::invalid_argument("the stream ended before the proxy said who it is")
         })?;
+        if let Some(workload) = &workload {
+            self.check_claim(workload, first.node.as_ref())?;
+        }
         let responses = self.open(first, incoming)?;
         Ok(Response::new(Box::pin(responses)))
     }

@@ -313,10 +313,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let (chain, key) = authority
             .serving_certificate(&workload, &cli.server_name)
             .context("the control plane's serving certificate")?;
+        // Proxies present their mesh certificate once they have one: discovery
+        // requires it, identity (where they get it) cannot.
+        let bundle = authority.trust_bundle_pem();
         server = server
             .tls_config(
                 tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(&chain, &key)),
+                    .identity(tonic::transport::Identity::from_pem(&chain, &key))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(bundle))
+                    .client_auth_optional(true),
             )
             .context("TLS for the gRPC port")?;
         if let (Some(client), None) = (&client, &cli.local) {
@@ -326,7 +331,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         identity = Some(IdentityService::new(authority, Arc::new(credentials)));
     }
     server
-        .add_service(discovery::DiscoveryService::new(hub, proxies))
+        .add_service(discovery::DiscoveryService::new(
+            hub,
+            proxies,
+            identity.is_some(),
+        ))
         .add_optional_service(identity)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
@@ -370,11 +379,7 @@ async fn start_injector(
         .split_once('/')
         .map_or("trellis-system", |(namespace, _)| namespace)
         .to_owned();
-    let trust_anchors: String = authority
-        .trust_bundle()
-        .iter()
-        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
-        .collect();
+    let trust_anchors = authority.trust_bundle_pem();
     let settings = inject::Settings {
         proxy_image: args.proxy_image.clone(),
         control_plane_url: args.proxy_control_plane.clone(),

@@ -3,6 +3,11 @@
 //! `GET /live`, `GET /ready` (200 once the listeners are bound and config loaded,
 //! 503 with the reason otherwise), `GET /metrics`, `GET /config_dump`,
 //! `POST /shutdown`.
+//!
+//! The probes and `/metrics` answer anyone: the kubelet and Prometheus call from
+//! outside the pod. Everything else reveals or changes state, so it answers only
+//! callers inside the pod (loopback) and refuses the rest of the mesh with 403
+//! (Linkerd's and Istio's rule): no other pod can read the config or stop the proxy.
 
 use crate::{identity::Identity, routing::table::SharedTable, settings::Settings};
 use bytes::Bytes;
@@ -68,15 +73,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         }
     });
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let state = state.clone();
+        let local = is_loopback(peer.ip());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, req)) }
+                async move { Ok::<_, Infallible>(respond(&state, req, local)) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -96,8 +102,28 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+/// Whether a caller is inside the pod: loopback, also as an IPv4-mapped address.
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// The endpoints anyone may call; the rest answer loopback callers only.
+const OPEN_TO_ALL: [&str; 3] = ["/live", "/ready", "/metrics"];
+
+fn respond(state: &AdminState, req: Request<Incoming>, local: bool) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if !local && !OPEN_TO_ALL.contains(&path) {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{path} answers only callers inside the pod (loopback)\n"),
+        );
+    }
+    match (req.method(), path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
             if !state.listening.load(Ordering::Acquire) {

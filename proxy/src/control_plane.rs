@@ -3,7 +3,9 @@
 //! anchors when the URL is `https://` (the identity token is a secret and never
 //! travels in plaintext). The anchors start as `--trust-anchors` and follow the
 //! trust bundle each certificate arrives with, so a root rotated by the control
-//! plane is trusted here without a restart.
+//! plane is trusted here without a restart. Once the proxy has a certificate it
+//! presents it too, so that the control plane knows which workload the discovery
+//! stream is for.
 
 use arc_swap::ArcSwap;
 use std::{path::Path, sync::Arc, time::Duration};
@@ -68,25 +70,30 @@ impl ControlPlane {
         self.tls.is_some()
     }
 
-    /// Trusts `anchors` (DER roots, the bundle a certificate came with) from the
-    /// next connection on, instead of what was trusted before.
-    pub fn trust(&self, anchors: &[Vec<u8>]) {
+    /// From the next connection on: trusts `anchors` (DER roots, the bundle a
+    /// certificate came with) instead of what was trusted before, and presents
+    /// `chain` and `key` (DER, PKCS#8), the proxy's certificate.
+    pub fn certified(&self, anchors: &[Vec<u8>], chain: &[Vec<u8>], key: &[u8]) {
         let Some((config, server_name)) = &self.tls else {
             return;
         };
         if anchors.is_empty() {
             return;
         }
+        let pem_of = |tag: &str, der: &[u8]| pem::encode(&pem::Pem::new(tag, der.to_vec()));
         let roots: Vec<Certificate> = anchors
             .iter()
-            .map(|der| {
-                Certificate::from_pem(pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
-            })
+            .map(|der| Certificate::from_pem(pem_of("CERTIFICATE", der)))
             .collect();
+        let chain: String = chain.iter().map(|der| pem_of("CERTIFICATE", der)).collect();
         config.store(Arc::new(
             ClientTlsConfig::new()
                 .ca_certificates(roots)
-                .domain_name(server_name),
+                .domain_name(server_name)
+                .identity(tonic::transport::Identity::from_pem(
+                    chain,
+                    pem_of("PRIVATE KEY", key),
+                )),
         ));
     }
 

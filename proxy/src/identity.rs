@@ -45,11 +45,24 @@ pub struct Credentials {
 #[derive(Default)]
 pub struct Identity {
     current: ArcSwapOption<Credentials>,
+    /// Woken when a certificate is stored.
+    stored: tokio::sync::Notify,
 }
 
 impl Identity {
     pub fn current(&self) -> Option<Arc<Credentials>> {
         self.current.load_full()
+    }
+
+    /// Returns once there is a certificate.
+    pub async fn wait_certified(&self) {
+        loop {
+            let stored = self.stored.notified();
+            if self.is_certified() {
+                return;
+            }
+            stored.await;
+        }
     }
 
     /// Whether there is a certificate, without taking a reference to it (asked
@@ -100,6 +113,7 @@ impl Identity {
             "certificate in place"
         );
         self.current.store(Some(Arc::new(credentials)));
+        self.stored.notify_waiters();
     }
 }
 
@@ -181,17 +195,18 @@ async fn certify(control_plane: &ControlPlane, token_file: &Path) -> Result<Cred
         .chain
         .first()
         .ok_or("the answer holds no certificate")?;
-    control_plane.trust(&response.trust_anchors);
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| format!("the certificate does not parse: {e}"))?;
     let not_after = UNIX_EPOCH
         + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0));
+    let key = key.serialize_der();
+    control_plane.certified(&response.trust_anchors, &response.chain, &key);
     Ok(Credentials {
         identity: response.identity,
         serial: serial_of(&parsed),
         not_after,
         chain: response.chain,
-        key: key.serialize_der(),
+        key,
         trust_anchors: response.trust_anchors,
     })
 }

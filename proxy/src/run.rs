@@ -75,6 +75,7 @@ pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
             table.clone(),
             pool.clone(),
             loaded_tx,
+            identity.clone(),
         ));
     } else {
         drop(loaded_tx);

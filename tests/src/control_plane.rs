@@ -236,3 +236,41 @@ impl Drop for ControlPlane {
         self.kill();
     }
 }
+
+/// The mesh CA an [`issuing`](ControlPlane::issuing) control plane keeps in
+/// `secrets/ca`, to sign with.
+pub fn mesh_ca(secrets: &TempDir) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    let read = |name: &str| std::fs::read_to_string(secrets.0.join("ca").join(name)).unwrap();
+    let key = rcgen::KeyPair::from_pem(&read("ca.key")).unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&read("ca.crt"), key).unwrap()
+}
+
+/// A certificate for `shop/<account>`, as a proxy would hold one, signed by
+/// `issuer`, written to `secrets/<name>.pem` and `.key`; `expired` puts its
+/// validity in the past.
+pub fn workload_certificate(
+    secrets: &TempDir,
+    name: &str,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    account: &str,
+    expired: bool,
+) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://cluster.local/ns/shop/sa/{account}")
+            .try_into()
+            .unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    }
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let cert_file = secrets.0.join(format!("{name}.pem"));
+    let key_file = secrets.0.join(format!("{name}.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file, key_file)
+}

@@ -45,6 +45,38 @@ async fn admin_endpoints_answer() {
 }
 
 #[tokio::test]
+async fn another_pod_gets_the_probes_and_metrics_but_not_the_config_or_shutdown() {
+    let net = Network::new(2);
+    let sidecar = Sidecar::start(net.pod(0), Options::default()).await;
+    let (inside, other) = (net.pod(0), net.pod(1));
+    let remote = SocketAddr::from((inside.ip, admin().port()));
+    for path in ["/live", "/ready", "/metrics"] {
+        let (status, _, _) = get(other, remote, path).await.unwrap();
+        assert_eq!(status, 200, "{path} answers the kubelet and Prometheus");
+    }
+    let (status, _, body) = get(other, remote, "/config_dump").await.unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(
+        &body[..],
+        b"/config_dump answers only callers inside the pod (loopback)\n"
+    );
+    let shutdown = hyper::Request::post("/shutdown")
+        .header("host", remote.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = trellis_tests::http::send_h1(other, remote, shutdown)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    // Still serving: the refused shutdown changed nothing.
+    let (status, _, _) = get(inside, admin(), "/ready").await.unwrap();
+    assert_eq!(status, 200);
+    let (status, _, _) = get(inside, admin(), "/config_dump").await.unwrap();
+    assert_eq!(status, 200, "inside the pod it answers");
+    let _ = &sidecar;
+}
+
+#[tokio::test]
 async fn a_client_dialling_the_proxy_itself_gets_404_no_route() {
     let net = Network::new(1);
     let sidecar = Sidecar::start(net.pod(0), Options::default()).await;

@@ -242,7 +242,21 @@ async fn a_proxy_is_ready_once_certified_for_its_tokens_identity_and_renews_befo
         metrics.sum("trellis_identity_renewals_total", &[("result", "error")]),
         0.0
     );
-    let _ = &cp;
+    // Neither admin port shows a secret: no key, no token.
+    let cp_admin = cp.admin();
+    for (pod, addr, path) in [
+        (&net.pod(0), cp_admin, "/status"),
+        (&net.pod(0), cp_admin, "/proxies"),
+        (&net.pod(0), cp_admin, "/metrics"),
+        (&net.pod(0), trellis_tests::sidecar::admin(), "/config_dump"),
+        (&net.pod(0), trellis_tests::sidecar::admin(), "/metrics"),
+    ] {
+        let (status, _, body) = get(pod, addr, path).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+        let body = String::from_utf8_lossy(&body);
+        assert!(!body.contains(TOKEN), "{addr}{path} shows the token");
+        assert!(!body.contains("PRIVATE KEY"), "{addr}{path} shows a key");
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ use hyper::Request;
 use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
     apps,
-    control_plane::ControlPlane,
+    control_plane::{mesh_ca, workload_certificate, ControlPlane},
     http::{collect, get_with_host, h2_client, send_h2},
     netns::Network,
     sidecar::Sidecar,
@@ -171,42 +171,6 @@ async fn reviews_behind_a_sidecar(net: &Network, secrets: &TempDir) -> (ControlP
     (cp, server)
 }
 
-/// The mesh CA that `reviews_behind_a_sidecar` made, to sign with.
-fn mesh_ca(secrets: &TempDir) -> rcgen::Issuer<'static, rcgen::KeyPair> {
-    let read = |name: &str| std::fs::read_to_string(secrets.0.join("ca").join(name)).unwrap();
-    let key = rcgen::KeyPair::from_pem(&read("ca.key")).unwrap();
-    rcgen::Issuer::from_ca_cert_pem(&read("ca.crt"), key).unwrap()
-}
-
-/// A client certificate for `frontend`, as a proxy would hold one, written to
-/// `secrets/<name>.pem` and `.key`; `expired` puts its validity in the past.
-fn client_certificate(
-    secrets: &TempDir,
-    name: &str,
-    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
-    expired: bool,
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/shop/sa/frontend"
-            .to_owned()
-            .try_into()
-            .unwrap(),
-    )];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    if expired {
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
-    }
-    let cert = params.signed_by(&key, issuer).unwrap();
-    let cert_file = secrets.0.join(format!("{name}.pem"));
-    let key_file = secrets.0.join(format!("{name}.key"));
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    (cert_file, key_file)
-}
-
 /// Runs `openssl s_client` from pod 0 to the sidecar of `reviews` with a client
 /// certificate, sends one request, and returns what it printed: stdout, then
 /// stdout and stderr together.
@@ -263,7 +227,7 @@ async fn openssl_s_client_with_a_mesh_certificate_gets_tls_1_3_and_the_servers_s
     let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
     let secrets = TempDir::new("s-client");
     let (_cp, _server) = reviews_behind_a_sidecar(&net, &secrets).await;
-    let client = client_certificate(&secrets, "client", &mesh_ca(&secrets), false);
+    let client = workload_certificate(&secrets, "client", &mesh_ca(&secrets), "frontend", false);
     let (stdout, all) = s_client(&net, &secrets, client).await;
     assert!(all.contains("TLSv1.3"), "{all}");
     assert!(all.contains("ALPN protocol: trellis.dev/http1"), "{all}");
@@ -328,11 +292,11 @@ async fn a_client_certificate_from_another_ca_or_past_its_expiry_is_refused_by_t
     let mut other = rcgen::CertificateParams::new(Vec::new()).unwrap();
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let other_ca = rcgen::Issuer::new(other, rcgen::KeyPair::generate().unwrap());
-    let foreign = client_certificate(&secrets, "foreign", &other_ca, false);
+    let foreign = workload_certificate(&secrets, "foreign", &other_ca, "frontend", false);
     refused_with(foreign, "alert unknown ca", 1.0).await;
 
     // Signed by the mesh CA, but its time is over.
-    let expired = client_certificate(&secrets, "expired", &mesh_ca(&secrets), true);
+    let expired = workload_certificate(&secrets, "expired", &mesh_ca(&secrets), "frontend", true);
     refused_with(expired, "alert certificate expired", 2.0).await;
 
     let accepted = server

@@ -61,6 +61,23 @@ impl Snapshot {
         self.views.view(namespace, pod, pod_ip)
     }
 
+    /// The service account pod `namespace/name` runs as, if the snapshot has the pod.
+    pub fn service_account_of(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.objects
+            .pods
+            .iter()
+            .find(|p| {
+                p.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                    && p.metadata.name.as_deref() == Some(name)
+            })
+            .map(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.as_deref())
+                    .unwrap_or("default")
+            })
+    }
+
     pub fn statuses(&self) -> &[ObjectStatus] {
         &self.translation.statuses
     }

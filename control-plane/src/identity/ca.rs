@@ -175,6 +175,14 @@ impl Authority {
         &self.trust_bundle
     }
 
+    /// The trust bundle as PEM, as TLS configurations and ConfigMaps take it.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.trust_bundle
+            .iter()
+            .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+            .collect()
+    }
+
     /// When the authority's own certificate (the issuer) expires.
     pub fn not_after(&self) -> SystemTime {
         SystemTime::from(self.not_after)

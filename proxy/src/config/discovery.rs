@@ -14,7 +14,10 @@
 
 use super::file::check_routes;
 use crate::upstream::pool::Pool;
-use crate::{backoff::backoff, control_plane::ControlPlane, rng::Rng, routing::table::SharedTable};
+use crate::{
+    backoff::backoff, control_plane::ControlPlane, identity::Identity, rng::Rng,
+    routing::table::SharedTable,
+};
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -37,7 +40,12 @@ pub async fn run(
     table: SharedTable,
     pool: Arc<Pool>,
     loaded: watch::Sender<bool>,
+    identity: Option<Arc<Identity>>,
 ) {
+    // With an identity, the stream presents the proxy's certificate: wait for it.
+    if let Some(identity) = &identity {
+        identity.wait_certified().await;
+    }
     let rng = Rng::from_entropy();
     let mut state = Versions::default();
     let mut failures = 0u32;
