@@ -146,6 +146,20 @@ struct RunArgs {
     /// Ports proxied as opaque TCP without protocol detection (comma list).
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_OPAQUE_PORTS)]
     opaque_ports: Vec<u16>,
+    /// How long an HTTP/1 client may take to send a whole request head; a slower
+    /// one (slowloris) is disconnected.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    header_read_timeout: Duration,
+    /// Open connections per listener (inbound, outbound); more are closed at once.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// The largest request head (HTTP/1: 431 beyond it) or header list (HTTP/2),
+    /// in bytes.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+    /// Streams one HTTP/2 client may have open at once.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    http2_max_concurrent_streams: u32,
     /// Worker threads; 1 runs everything on one thread, which suits a sidecar.
     #[arg(long, default_value_t = 1, env = "TRELLIS_THREADS")]
     threads: usize,
@@ -274,6 +288,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config_poll: args.config_poll,
         access_log: args.access_log,
         opaque_ports: args.opaque_ports.into_iter().collect::<BTreeSet<_>>(),
+        header_read_timeout: args.header_read_timeout,
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        max_header_bytes: args.max_header_bytes,
+        http2_max_concurrent_streams: args.http2_max_concurrent_streams,
     };
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -26,6 +26,12 @@ pub const ENDPOINTS_EJECTED: &str = "trellis_endpoints_ejected";
 pub const CONFIG_RELOADS_TOTAL: &str = "trellis_config_reloads_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
 pub const MTLS_REFUSED_TOTAL: &str = "trellis_mtls_refused_total";
+/// Counter, labels `direction`, `kind` (`malformed`, `too_large`, `timeout`,
+/// `http2`): client connections that ended on a protocol error.
+pub const HTTP_ERRORS_TOTAL: &str = "trellis_http_errors_total";
+/// Counter, label `direction`: connections closed at once, `--max-connections`
+/// being reached.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "trellis_connections_refused_total";
 /// Counter, labels `port` (the pod's) and `protocol` (`http`, `opaque`).
 pub const AUTHZ_DENIED_TOTAL: &str = "trellis_authz_denied_total";
 
@@ -99,6 +105,14 @@ fn describe() {
     describe_counter!(
         MTLS_REFUSED_TOTAL,
         "Inbound connections a STRICT port refused, by reason (plaintext, not_mesh)"
+    );
+    describe_counter!(
+        HTTP_ERRORS_TOTAL,
+        "Client connections that ended on a protocol error, by direction and kind (malformed: 400, too_large: 431, timeout: request head not sent in time, http2: closed with GOAWAY)"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once because the listener had --max-connections open, by direction"
     );
     describe_counter!(
         AUTHZ_DENIED_TOTAL,
@@ -190,6 +204,8 @@ mod tests {
                 TLS_HANDSHAKES_TOTAL,
                 MTLS_REFUSED_TOTAL,
                 AUTHZ_DENIED_TOTAL,
+                HTTP_ERRORS_TOTAL,
+                CONNECTIONS_REFUSED_TOTAL,
             ] {
                 metrics::counter!(name).increment(1);
             }
@@ -204,7 +220,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split(' ').next())
             .collect();
-        assert_eq!(types.len(), 19, "{text}");
+        assert_eq!(types.len(), 21, "{text}");
         for name in types {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

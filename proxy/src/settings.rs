@@ -37,6 +37,16 @@ pub struct Settings {
     pub access_log: bool,
     /// Ports proxied as opaque TCP without detection (server-first protocols).
     pub opaque_ports: BTreeSet<u16>,
+    /// How long an HTTP/1 client may take to send a whole request head: a slow
+    /// client (slowloris) is cut off after it.
+    #[serde(with = "serde_text")]
+    pub header_read_timeout: Duration,
+    /// Open connections per listener; more are closed at once and counted.
+    pub max_connections: usize,
+    /// The largest request head (HTTP/1) or header list (HTTP/2) taken, in bytes.
+    pub max_header_bytes: u32,
+    /// Streams one HTTP/2 client may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,

@@ -42,15 +42,30 @@ pub fn pattern(i: usize) -> u8 {
 pub struct App {
     task: JoinHandle<()>,
     in_flight: Arc<AtomicUsize>,
+    /// The path of every request received (by [`http_app`]).
+    paths: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl App {
     fn new(task: JoinHandle<()>) -> App {
-        App::counting(task, Arc::default())
+        App::counting(task, Arc::default(), Arc::default())
     }
 
-    fn counting(task: JoinHandle<()>, in_flight: Arc<AtomicUsize>) -> App {
-        App { task, in_flight }
+    fn counting(
+        task: JoinHandle<()>,
+        in_flight: Arc<AtomicUsize>,
+        paths: Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> App {
+        App {
+            task,
+            in_flight,
+            paths,
+        }
+    }
+
+    /// The paths of the requests [`http_app`] received, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.paths.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Requests the app is handling right now (counted by [`http_app`]; 0 for the
@@ -106,12 +121,16 @@ impl Drop for InFlight {
 /// [`App::in_flight`] counts the requests it is handling.
 pub fn http_app(listener: TcpListener, name: &'static str) -> App {
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let count = in_flight.clone();
+    let paths = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, seen) = (in_flight.clone(), paths.clone());
     let task = spawn_accept(listener, move |stream| {
-        let count = count.clone();
+        let (count, seen) = (count.clone(), seen.clone());
         async move {
             let _ = stream.set_nodelay(true);
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                if let Ok(mut seen) = seen.lock() {
+                    seen.push(req.uri().path().to_owned());
+                }
                 let guard = InFlight::start(&count);
                 async move {
                     let response = handle(name, req).await;
@@ -124,7 +143,7 @@ pub fn http_app(listener: TcpListener, name: &'static str) -> App {
                 .await;
         }
     });
-    App::counting(task, in_flight)
+    App::counting(task, in_flight, paths)
 }
 
 async fn handle(

@@ -11,8 +11,8 @@ use crate::{
     http::{HttpProxy, Shared},
     identity::{Credentials, Identity},
     metrics::{
-        Direction, MTLS_REFUSED_TOTAL, TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN,
-        TCP_CONNECTIONS_TOTAL, TLS_HANDSHAKES_TOTAL,
+        Direction, CONNECTIONS_REFUSED_TOTAL, HTTP_ERRORS_TOTAL, MTLS_REFUSED_TOTAL,
+        TCP_BYTES_TOTAL, TCP_CONNECTIONS_OPEN, TCP_CONNECTIONS_TOTAL, TLS_HANDSHAKES_TOTAL,
     },
     routing::table::SharedTable,
     settings::Settings,
@@ -43,6 +43,8 @@ pub struct Listener {
     server_config: ArcSwapOption<(Arc<Credentials>, Arc<rustls::ServerConfig>)>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// One permit per open connection (`--max-connections`).
+    open: Arc<tokio::sync::Semaphore>,
 }
 
 impl Listener {
@@ -55,9 +57,13 @@ impl Listener {
         identity: Option<Arc<Identity>>,
     ) -> Arc<Listener> {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new());
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes.max(8192) as usize);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(settings.http2_max_concurrent_streams)
+            .max_header_list_size(settings.max_header_bytes);
         Arc::new(Listener {
             direction,
             loaded,
@@ -72,6 +78,7 @@ impl Listener {
             server_config: ArcSwapOption::empty(),
             h1,
             h2,
+            open: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
         })
     }
 }
@@ -84,7 +91,18 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<Listener>, mut drain:
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, state.clone(), drain.clone()));
+                let Ok(permit) = state.open.clone().try_acquire_owned() else {
+                    // Full: close at once rather than queue without bound.
+                    metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "direction" => state.direction.label())
+                        .increment(1);
+                    tracing::debug!(%peer, direction = state.direction.label(), "--max-connections reached; closing");
+                    continue;
+                };
+                let (state, drain) = (state.clone(), drain.clone());
+                tokio::spawn(async move {
+                    handle(stream, peer, state, drain).await;
+                    drop(permit);
+                });
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -246,6 +264,7 @@ async fn serve_http<I>(
             }
         };
         if let Err(error) = result {
+            count_http_error(direction, &error);
             tracing::debug!(%error, direction, "HTTP/2 connection ended with an error");
         }
     } else {
@@ -262,9 +281,31 @@ async fn serve_http<I>(
             }
         };
         if let Err(error) = result {
+            count_http_error(direction, &error);
             tracing::debug!(%error, direction, "HTTP/1 connection ended with an error");
         }
     }
+}
+
+/// Counts a connection that ended on a client's protocol error, by kind: what
+/// hyper refused (`malformed`: 400, `too_large`: 431), a request head not sent
+/// within `--header-read-timeout` (`timeout`), an HTTP/2 protocol violation
+/// (`http2`, the connection closed with GOAWAY).
+fn count_http_error(direction: &'static str, error: &hyper::Error) {
+    let kind = if error.is_parse_too_large() {
+        "too_large"
+    } else if error.is_parse() || error.is_parse_status() {
+        "malformed"
+    } else if error.is_timeout() {
+        "timeout"
+    } else if std::error::Error::source(error)
+        .is_some_and(|source| source.downcast_ref::<h2::Error>().is_some())
+    {
+        "http2"
+    } else {
+        return;
+    };
+    metrics::counter!(HTTP_ERRORS_TOTAL, "direction" => direction, "kind" => kind).increment(1);
 }
 
 /// TLS arriving at the pod: a ClientHello that asks for mesh mTLS is terminated

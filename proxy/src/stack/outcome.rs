@@ -43,9 +43,11 @@ impl Flags {
     pub const URX: Flags = Flags(1 << 9);
     /// Refused by the port's authorization policy.
     pub const AZ: Flags = Flags(1 << 10);
+    /// Downstream protocol error: the client's request could not be read.
+    pub const DPE: Flags = Flags(1 << 11);
 
-    const NAMES: [&'static str; 11] = [
-        "UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX", "AZ",
+    const NAMES: [&'static str; 12] = [
+        "UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX", "AZ", "DPE",
     ];
 
     pub fn union(self, other: Flags) -> Flags {
@@ -137,7 +139,10 @@ impl Failure {
         backend: Option<&Arc<str>>,
         endpoint: SocketAddr,
     ) -> Failure {
-        let (status, flags, kind) = if error.is_overflow() {
+        let (status, flags, kind) = if error.is_client_body() {
+            // The client's fault: not retried, and no mark against the endpoint.
+            (StatusCode::BAD_REQUEST, Flags::DPE, FailureKind::Local)
+        } else if error.is_overflow() {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Flags::UO,

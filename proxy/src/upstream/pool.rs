@@ -61,6 +61,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// True when the request failed on the client's side: its body could not be
+    /// read (a malformed chunk, a client that went away), not the upstream.
+    pub fn is_client_body(&self) -> bool {
+        matches!(self, UpstreamError::Reset { source, .. } if source.is_user())
+    }
+
     /// True when no connection could be made at all (nothing reached the server).
     pub fn is_connect(&self) -> bool {
         matches!(

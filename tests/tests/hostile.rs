@@ -1,0 +1,255 @@
+//! Hostile HTTP/1 input, slow clients and too many connections, through both
+//! sidecars (a meshed client's outbound, and an outsider straight to the
+//! server's inbound). Each bad request gets a clear 4xx or a close, is counted,
+//! never reaches the app, and the proxy keeps serving everyone else.
+
+use std::{net::SocketAddr, time::Duration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_tests::{
+    apps,
+    http::get_with_host,
+    netns::{Network, Pod},
+    sidecar::{Options, Sidecar},
+    wait::until,
+};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Sends `bytes` on a new connection from `pod` to `to` and returns all it reads
+/// back until the other side closes (bounded: 10 s).
+async fn exchange(pod: &Pod, to: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = pod.connect(to).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    match read.await {
+        Ok(_) => String::from_utf8_lossy(&answer).into_owned(),
+        Err(_) => format!(
+            "(still open after 10 s) {}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+}
+
+/// A normal request from `pod` to the app: 200.
+async fn served(pod: &Pod, to: SocketAddr) {
+    let (status, _, _) = get_with_host(pod, to, "/", "app")
+        .await
+        .expect("a normal request");
+    assert_eq!(status, 200, "others are still served");
+}
+
+/// The requests that must not pass, and the status line each gets.
+const BAD: [(&str, &[u8], &str); 7] = [
+    // (A first line detection cannot take for HTTP goes on as opaque bytes, as
+    // any other protocol would: the proxy cannot tell them apart.)
+    (
+        "a header line without a colon",
+        b"GET / HTTP/1.1\r\nHost: app\r\nNo colon here\r\n\r\n",
+        "HTTP/1.1 400",
+    ),
+    (
+        "conflicting Content-Length",
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "HTTP/1.1 400",
+    ),
+    (
+        "malformed Content-Length",
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 5x\r\n\r\nhello",
+        "HTTP/1.1 400",
+    ),
+    (
+        "obs-fold",
+        b"GET / HTTP/1.1\r\nHost: app\r\nX-Folded: a\r\n b\r\n\r\n",
+        "HTTP/1.1 400",
+    ),
+    (
+        "NUL in a header",
+        b"GET / HTTP/1.1\r\nHost: app\r\nX-Nul: a\x00b\r\n\r\n",
+        "HTTP/1.1 400",
+    ),
+    (
+        "bare CR in a header",
+        b"GET / HTTP/1.1\r\nHost: app\r\nX-Cr: a\rb\r\n\r\n",
+        "HTTP/1.1 400",
+    ),
+    (
+        "bad chunk encoding",
+        b"POST / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.1 400",
+    ),
+];
+
+#[tokio::test]
+async fn bad_requests_get_a_clear_answer_and_never_reach_the_app() {
+    // Pods: client (0) and server (1) with sidecars, an outsider (2) without.
+    let net = Network::new(3);
+    let app = apps::http_app(net.pod(1).listen(8080), "app");
+    let server = Sidecar::start(net.pod(1), Options::default()).await;
+    let client = Sidecar::start(net.pod(0), Options::default()).await;
+    let to = SocketAddr::from((net.pod(1).ip, 8080));
+    for (sender, sidecar, direction) in [
+        (net.pod(0), &client, "outbound"),
+        (net.pod(2), &server, "inbound"),
+    ] {
+        for (what, bytes, status) in BAD {
+            let answer = exchange(sender, to, bytes).await;
+            assert!(
+                answer.starts_with(status) && !answer.contains("still open"),
+                "{direction}, {what}: {answer:?}"
+            );
+            assert!(
+                !answer.contains("200 OK"),
+                "{direction}, {what} reached the app: {answer}"
+            );
+            served(sender, to).await;
+        }
+        // Content-Length with Transfer-Encoding, the classic smuggling attempt:
+        // the body is read as chunked (Transfer-Encoding wins, RFC 9112 6.3),
+        // Content-Length is dropped, and the connection is closed after the
+        // answer, so what follows the chunked body is never read as a request.
+        let answer = exchange(
+            sender,
+            to,
+            b"POST /te HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n",
+        )
+        .await;
+        assert!(
+            answer.contains("connection: close"),
+            "{direction}: {answer:?}"
+        );
+        assert!(
+            answer.contains("x-seen-headers: host,transfer-encoding\r\n"),
+            "{direction}: {answer:?}"
+        );
+        assert_eq!(
+            answer.matches("HTTP/1.1").count(),
+            1,
+            "{direction}: one answer: {answer:?}"
+        );
+        served(sender, to).await;
+        // An oversized request head (over --max-header-bytes, 64 KiB).
+        let mut huge = b"GET / HTTP/1.1\r\nHost: app\r\nX-Big: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 70_000));
+        huge.extend(b"\r\n\r\n");
+        let answer = exchange(sender, to, &huge).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431"),
+            "{direction}, huge head: {answer:?}"
+        );
+        served(sender, to).await;
+        // Counted once each connection has ended: six malformed heads, one too
+        // large; the bad body is a request the proxy answered (flag DPE).
+        until(LIMIT, "the bad requests counted", || async {
+            let metrics = sidecar.metrics().await;
+            let counted = |kind| {
+                metrics.sum(
+                    "trellis_http_errors_total",
+                    &[("direction", direction), ("kind", kind)],
+                )
+            };
+            let dpe = metrics.sum(
+                "trellis_requests_total",
+                &[("direction", direction), ("flags", "DPE")],
+            );
+            match (counted("malformed"), counted("too_large"), dpe) {
+                (6.0, 1.0, 1.0) => Ok(()),
+                other => Err(format!(
+                    "{direction}: (malformed, too_large, DPE) = {other:?}"
+                )),
+            }
+        })
+        .await;
+    }
+    // Only the normal requests and the chunked one reached the app; nothing
+    // smuggled and none of the bad ones did.
+    let seen = app.requests();
+    assert!(
+        seen.iter().all(|path| path == "/" || path == "/te"),
+        "the app saw only normal requests: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off_without_delaying_others() {
+    let net = Network::new(2);
+    let _app = apps::http_app(net.pod(1).listen(8080), "app");
+    let args = ["--header-read-timeout", "1s"];
+    let _server = Sidecar::start(net.pod(1), Options::default()).await;
+    let client = Sidecar::start(
+        net.pod(0),
+        Options {
+            run_args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let to = SocketAddr::from((net.pod(1).ip, 8080));
+    // Slowloris: a request head that never ends.
+    let mut slow = net.pod(0).connect(to).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app\r\nX-Slow: ")
+        .await
+        .unwrap();
+    served(net.pod(0), to).await;
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(cut.is_ok(), "the slow client was disconnected");
+    until(LIMIT, "the timeout counted", || async {
+        let timeouts = client.metrics().await.sum(
+            "trellis_http_errors_total",
+            &[("direction", "outbound"), ("kind", "timeout")],
+        );
+        if timeouts >= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{timeouts} timeouts"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_listener_at_its_connection_limit_closes_new_connections_at_once() {
+    let net = Network::new(2);
+    let _app = apps::http_app(net.pod(1).listen(8080), "app");
+    let args = ["--max-connections", "3"];
+    let server = Sidecar::start(
+        net.pod(1),
+        Options {
+            run_args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let to = SocketAddr::from((net.pod(1).ip, 8080));
+    // The outsider (pod 0, no sidecar) holds three connections open.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = net.pod(0).connect(to).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        stream.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        held.push(stream);
+    }
+    // The fourth is closed at once, and counted.
+    let answer = exchange(net.pod(0), to, b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert_eq!(answer, "", "closed without an answer");
+    let refused = server.metrics().await.sum(
+        "trellis_connections_refused_total",
+        &[("direction", "inbound")],
+    );
+    assert_eq!(refused, 1.0);
+    // Once one closes, there is room again.
+    drop(held.pop());
+    until(LIMIT, "room for a new connection", || async {
+        match get_with_host(net.pod(0), to, "/", "app").await {
+            Ok((status, _, _)) if status == 200 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
