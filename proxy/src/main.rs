@@ -160,6 +160,10 @@ struct RunArgs {
     /// Streams one HTTP/2 client may have open at once.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     http2_max_concurrent_streams: u32,
+    /// How long any request may wait for its response headers (504 UT after it),
+    /// whatever its route's timeouts: an upstream that never answers is not a hang.
+    #[arg(long, default_value = "300s", value_parser = duration::parse)]
+    response_headers_timeout: Duration,
     /// Worker threads; 1 runs everything on one thread, which suits a sidecar.
     #[arg(long, default_value_t = 1, env = "TRELLIS_THREADS")]
     threads: usize,
@@ -292,6 +296,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         max_header_bytes: args.max_header_bytes,
         http2_max_concurrent_streams: args.http2_max_concurrent_streams,
+        response_headers_timeout: args.response_headers_timeout,
     };
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

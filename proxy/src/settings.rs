@@ -47,6 +47,10 @@ pub struct Settings {
     pub max_header_bytes: u32,
     /// Streams one HTTP/2 client may have open at once.
     pub http2_max_concurrent_streams: u32,
+    /// How long any request may wait for its response headers, whatever its
+    /// route says: an upstream that never answers gets a 504, not a hang.
+    #[serde(with = "serde_text")]
+    pub response_headers_timeout: Duration,
 }
 
 /// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,

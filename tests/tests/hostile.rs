@@ -253,3 +253,79 @@ async fn a_listener_at_its_connection_limit_closes_new_connections_at_once() {
     })
     .await;
 }
+
+/// An app on `port` of `pod` that reads a request head and answers `answer`
+/// (`None`: never answers, holding the connection).
+fn raw_app(pod: &Pod, port: u16, answer: Option<Vec<u8>>) -> tokio::task::JoinHandle<()> {
+    let listener = pod.listen(port);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                match answer {
+                    Some(answer) => {
+                        let _ = stream.write_all(&answer).await;
+                        let _ = stream.shutdown().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn an_upstream_that_misbehaves_gets_the_client_a_clear_answer_not_a_hang() {
+    let net = Network::new(2);
+    let server_pod = net.pod(1);
+    let mut huge = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 1 << 20));
+    huge.extend(b"\r\nContent-Length: 0\r\n\r\n");
+    let apps = [
+        raw_app(
+            server_pod,
+            9001,
+            Some(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n".to_vec()),
+        ),
+        raw_app(server_pod, 9002, Some(huge)),
+        raw_app(server_pod, 9003, None),
+        raw_app(server_pod, 9004, Some(b"SMTP ready\r\n".to_vec())),
+    ];
+    let args = ["--response-headers-timeout", "1s"];
+    let _server = Sidecar::start(
+        server_pod,
+        Options {
+            run_args: &args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let _client = Sidecar::start(net.pod(0), Options::default()).await;
+    let client_pod = net.pod(0);
+    let call = |port: u16| {
+        let to = SocketAddr::from((server_pod.ip, port));
+        async move {
+            let (status, headers, _) = get_with_host(client_pod, to, "/", "app").await.unwrap();
+            let flags = headers
+                .get("x-trellis-flags")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (status.as_u16(), flags)
+        }
+    };
+    assert_eq!(
+        call(9001).await,
+        (502, "UC".to_owned()),
+        "a malformed response"
+    );
+    assert_eq!(
+        call(9002).await,
+        (502, "UC".to_owned()),
+        "a 1 MiB response head"
+    );
+    assert_eq!(call(9003).await, (504, "UT".to_owned()), "no answer at all");
+    assert_eq!(call(9004).await, (502, "UC".to_owned()), "not HTTP");
+    drop(apps);
+}

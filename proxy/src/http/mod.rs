@@ -37,6 +37,8 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     /// One structured log line per request (`--access-log`).
     pub access_log: bool,
+    /// The bound on waiting for response headers (`--response-headers-timeout`).
+    pub response_headers_timeout: std::time::Duration,
 }
 
 /// The hyper service for one downstream connection.
@@ -104,7 +106,15 @@ impl HttpProxy {
         if is_upgrade(req.headers()) {
             req.extensions_mut().insert(self.drain.clone());
         }
-        let result = self.dispatch(req, &mut labels).await;
+        let limit = self.shared.response_headers_timeout;
+        let result = match tokio::time::timeout(limit, self.dispatch(req, &mut labels)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::local(
+                StatusCode::GATEWAY_TIMEOUT,
+                Flags::UT,
+                format!("no response headers within {limit:?} (--response-headers-timeout)"),
+            )),
+        };
         let (mut response, flags, backend) = match result {
             Ok(mut response) => {
                 let outcome = response

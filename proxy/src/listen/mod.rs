@@ -73,6 +73,7 @@ impl Listener {
                 table: table.clone(),
                 pool: pool.clone(),
                 access_log: settings.access_log,
+                response_headers_timeout: settings.response_headers_timeout,
             }),
             identity,
             server_config: ArcSwapOption::empty(),
