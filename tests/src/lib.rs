@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod control_plane;
 pub mod fake_apiserver;
+pub mod fuzz;
 pub mod grpc;
 pub mod http;
 pub mod kube;

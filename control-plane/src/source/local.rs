@@ -74,8 +74,14 @@ fn parse_as<T: DeserializeOwned>(doc: serde_yaml_ng::Value) -> Result<T, String>
 /// Parses every document of one file; the error names the document and field.
 fn parse_file(path: &Path) -> Result<Objects, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    parse_text(&path.display().to_string(), &text)
+}
+
+/// Parses every document of `text`, which came from `origin`; the error names
+/// the document and field.
+pub fn parse_text(origin: &str, text: &str) -> Result<Objects, String> {
     let mut objects = Objects::default();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(document)
             .map_err(|e| format!("document {}: {e}", index + 1))?;
         if value.is_null() {
@@ -97,7 +103,7 @@ fn parse_file(path: &Path) -> Result<Objects, String> {
         };
         objects.origins.insert(
             (kind.clone(), meta("namespace", "default"), meta("name", "")),
-            path.display().to_string(),
+            origin.to_owned(),
         );
         match kind.as_str() {
             "Service" => objects.services.push(parse_as(value).map_err(at)?),

@@ -79,7 +79,11 @@ impl Listener {
             server_config: ArcSwapOption::empty(),
             h1,
             h2,
-            open: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
+            open: Arc::new(tokio::sync::Semaphore::new(
+                settings
+                    .max_connections
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         })
     }
 }
