@@ -60,10 +60,21 @@ pub struct Operation {
     pub paths: Vec<String>,
 }
 
-/// Who is calling: the SPIFFE ID of the caller's mesh certificate, if any.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Caller<'a> {
-    pub identity: Option<&'a str>,
+/// A caller as its mesh certificate proves it: the SPIFFE ID, and the workload it
+/// names, parsed once per connection rather than per request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    pub identity: String,
+    pub workload: Option<Workload>,
+}
+
+impl Peer {
+    pub fn new(identity: &str) -> Peer {
+        Peer {
+            identity: identity.to_owned(),
+            workload: Workload::from_spiffe_id(identity),
+        }
+    }
 }
 
 /// What is being called.
@@ -77,8 +88,8 @@ pub enum Call<'a> {
 }
 
 impl Authorization {
-    /// Whether the call passes.
-    pub fn allows(&self, caller: Caller<'_>, call: Call<'_>) -> bool {
+    /// Whether the call passes; `caller` is `None` without mesh mTLS.
+    pub fn allows(&self, caller: Option<&Peer>, call: Call<'_>) -> bool {
         let matched = self.rules.iter().any(|rule| rule.matches(caller, call));
         match self.action {
             Action::Allow => matched,
@@ -88,31 +99,26 @@ impl Authorization {
 }
 
 impl Rule {
-    fn matches(&self, caller: Caller<'_>, call: Call<'_>) -> bool {
+    fn matches(&self, caller: Option<&Peer>, call: Call<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(caller)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(call)))
     }
 }
 
 impl Source {
-    fn matches(&self, caller: Caller<'_>) -> bool {
-        let workload = caller.identity.and_then(Workload::from_spiffe_id);
+    fn matches(&self, caller: Option<&Peer>) -> bool {
+        let workload = caller.and_then(|c| c.workload.as_ref());
         let given = |list: &[String]| !list.is_empty();
-        (!given(&self.identities)
-            || caller
-                .identity
-                .is_some_and(|id| self.identities.iter().any(|i| i == id)))
+        (!given(&self.identities) || caller.is_some_and(|c| self.identities.contains(&c.identity)))
             && (!given(&self.service_accounts)
-                || workload.as_ref().is_some_and(|w| {
+                || workload.is_some_and(|w| {
                     self.service_accounts.iter().any(|account| {
                         account.split_once('/')
                             == Some((w.namespace.as_str(), w.service_account.as_str()))
                     })
                 }))
             && (!given(&self.namespaces)
-                || workload
-                    .as_ref()
-                    .is_some_and(|w| self.namespaces.contains(&w.namespace)))
+                || workload.is_some_and(|w| self.namespaces.contains(&w.namespace)))
     }
 }
 
@@ -152,10 +158,8 @@ mod tests {
         serde_yaml_ng::from_str(yaml).unwrap()
     }
 
-    fn caller(identity: &str) -> Caller<'_> {
-        Caller {
-            identity: Some(identity),
-        }
+    fn caller(identity: &str) -> Option<&'static Peer> {
+        Some(Box::leak(Box::new(Peer::new(identity))))
     }
 
     fn get(path: &str) -> Call<'_> {
@@ -183,10 +187,7 @@ rules:
             path: "/api/items",
         };
         assert!(!allow.allows(caller(FRONTEND), post), "method");
-        assert!(
-            !allow.allows(Caller::default(), get("/api/items")),
-            "plaintext"
-        );
+        assert!(!allow.allows(None, get("/api/items")), "plaintext");
         assert!(!allow.allows(caller(FRONTEND), Call::Opaque), "not HTTP");
         assert!(!policy("action: ALLOW").allows(caller(FRONTEND), get("/")));
     }
@@ -200,7 +201,7 @@ rules: [{from: [{identities: ['spiffe://cluster.local/ns/shop/sa/cart']}]}]",
         assert!(!deny.allows(caller(OTHER), get("/")));
         assert!(!deny.allows(caller(OTHER), Call::Opaque));
         assert!(deny.allows(caller(FRONTEND), get("/")));
-        assert!(deny.allows(Caller::default(), Call::Opaque));
+        assert!(deny.allows(None, Call::Opaque));
         assert!(policy("action: DENY").allows(caller(OTHER), get("/")));
     }
 

@@ -28,7 +28,7 @@ use respond::FLAGS_HEADER;
 use std::{
     convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant,
 };
-use trellis_proto::model::authorization::{Call, Caller};
+use trellis_proto::model::authorization::{Call, Peer};
 
 /// What the proxy shares between all the L7 connections of one direction.
 pub struct Shared {
@@ -49,8 +49,8 @@ pub struct HttpProxy {
     /// the proxy directly.
     original_dst: Option<SocketAddr>,
     client: SocketAddr,
-    /// The SPIFFE ID the client's mesh certificate proved, inbound over mTLS.
-    caller: Option<Arc<str>>,
+    /// Who the client's mesh certificate proved it is, inbound over mTLS.
+    caller: Option<Arc<Peer>>,
     protocol: Protocol,
     /// The connection's hold on shutdown, lent to upgraded streams that outlive it.
     drain: Drain,
@@ -61,7 +61,7 @@ impl HttpProxy {
         shared: Arc<Shared>,
         original_dst: Option<SocketAddr>,
         client: SocketAddr,
-        caller: Option<Arc<str>>,
+        caller: Option<Arc<Peer>>,
         protocol: Protocol,
         drain: Drain,
     ) -> Self {
@@ -244,18 +244,18 @@ impl HttpProxy {
     }
 }
 
-/// The pod's `port` lets `caller` (a SPIFFE ID, when mesh mTLS proved one) make
-/// `call`, or a 403 `AZ` says it does not; refusals are counted and logged.
+/// The pod's `port` lets `caller` (who mesh mTLS proved, if it did) make `call`,
+/// or a 403 `AZ` says it does not; refusals are counted and logged.
 pub fn authorize(
     table: &RouteTable,
     port: u16,
-    caller: Option<&str>,
+    caller: Option<&Peer>,
     call: Call<'_>,
 ) -> Result<(), Failure> {
     let Some(authorization) = table.inbound_authorization(port) else {
         return Ok(());
     };
-    if authorization.allows(Caller { identity: caller }, call) {
+    if authorization.allows(caller, call) {
         return Ok(());
     }
     let protocol = match call {
@@ -264,7 +264,7 @@ pub fn authorize(
     };
     metrics::counter!(AUTHZ_DENIED_TOTAL, "port" => port.to_string(), "protocol" => protocol)
         .increment(1);
-    let caller = caller.unwrap_or("a caller without a mesh identity");
+    let caller = caller.map_or("a caller without a mesh identity", |c| c.identity.as_str());
     tracing::info!(
         port,
         caller,

@@ -28,7 +28,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use io::ClientIo;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
-use trellis_proto::model::{authorization::Call, config::MtlsMode};
+use trellis_proto::model::{
+    authorization::{Call, Peer},
+    config::MtlsMode,
+};
 
 /// Everything a connection handler needs, shared by all of one listener's connections.
 pub struct Listener {
@@ -244,7 +247,7 @@ async fn serve_http<I>(
     state: &Listener,
     original_dst: Option<SocketAddr>,
     peer: SocketAddr,
-    caller: Option<Arc<str>>,
+    caller: Option<Arc<Peer>>,
     mut drain: Drain,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -378,11 +381,11 @@ async fn inbound_tls<I>(
     metrics::counter!(TLS_HANDSHAKES_TOTAL, "result" => "ok").increment(1);
     let (_, session) = tls.get_ref();
     // The client verifier took the chain; its leaf's one URI is the caller.
-    let caller: Option<Arc<str>> = session
+    let caller: Option<Arc<Peer>> = session
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| crate::tls::uri_names(leaf).into_iter().next())
-        .map(Arc::from);
+        .map(|identity| Arc::new(Peer::new(&identity)));
     tracing::debug!(?caller, %peer, "mesh mTLS accepted");
     let protocol = match session.alpn_protocol() {
         Some(crate::tls::ALPN_HTTP2) => Protocol::Http2,
@@ -400,7 +403,7 @@ async fn inbound_tls<I>(
 async fn opaque<C>(
     mut io: C,
     original_dst: Option<SocketAddr>,
-    caller: Option<&str>,
+    caller: Option<&Peer>,
     state: &Listener,
     drain: Drain,
 ) where
@@ -467,7 +470,7 @@ async fn opaque<C>(
 
 /// Whether the pod's `port` lets `caller` make `call`; a refusal is counted and
 /// logged.
-fn authorized(state: &Listener, port: u16, caller: Option<&str>, call: Call<'_>) -> bool {
+fn authorized(state: &Listener, port: u16, caller: Option<&Peer>, call: Call<'_>) -> bool {
     let table = state.http.table.load();
     crate::http::authorize(&table, port, caller, call).is_ok()
 }
