@@ -34,6 +34,23 @@ pub fn proxy_bin() -> PathBuf {
     built
 }
 
+/// Runs `trellis-proxy run` with its listeners on loopback (port 0) and `args`,
+/// to its exit: for the cases where it must refuse to start.
+pub fn run_refused<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(proxy_bin())
+        .args([
+            "run",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--inbound-addr", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .expect("run trellis-proxy")
+}
+
 /// The `trellis-control-plane` binary the build made, beside the proxy's.
 pub fn control_plane_bin() -> PathBuf {
     let bin = proxy_bin().with_file_name("trellis-control-plane");

@@ -7,7 +7,7 @@ use trellis_tests::{
     http::{get, get_with_host},
     netns::Network,
     prom::{promtool_check, Metrics},
-    sidecar::{admin, proxy_bin, Options, Sidecar},
+    sidecar::{admin, proxy_bin, run_refused, Options, Sidecar},
     TempDir,
 };
 
@@ -102,20 +102,7 @@ fn a_malformed_config_stops_start_up_naming_file_line_and_field() {
         "services:\n  - name: reviews\n    port: 8080\n    endpoints:\n      - address: not-an-address\n",
     )
     .unwrap();
-    let output = std::process::Command::new(proxy_bin())
-        .args([
-            "run",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-        ])
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = run_refused(&["--config".as_ref(), path.as_os_str()]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let expected = format!("{}:5:", path.display());

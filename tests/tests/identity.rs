@@ -15,7 +15,7 @@ use trellis_tests::{
     http::{get, TIMEOUT},
     netns::{Network, Pod},
     prom::Metrics,
-    sidecar::{proxy_bin, Options, Sidecar},
+    sidecar::{run_refused, Options, Sidecar},
     wait::until,
     TempDir,
 };
@@ -264,41 +264,18 @@ fn an_identity_token_is_never_sent_to_a_plaintext_control_plane() {
     let dir = TempDir::new("token");
     let token = dir.0.join("token");
     std::fs::write(&token, "s3cret").unwrap();
-    let output = std::process::Command::new(proxy_bin())
-        .args([
-            "run",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-            "--control-plane",
-            "http://127.0.0.1:1",
-        ])
-        .arg("--identity-token-file")
-        .arg(&token)
-        .output()
-        .unwrap();
+    let output = run_refused(&[
+        "--control-plane".as_ref(),
+        "http://127.0.0.1:1".as_ref(),
+        "--identity-token-file".as_ref(),
+        token.as_os_str(),
+    ]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("never sent in plaintext"), "{stderr}");
 
     // And an https:// control plane needs trust anchors to check it against.
-    let output = std::process::Command::new(proxy_bin())
-        .args([
-            "run",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-            "--control-plane",
-            "https://127.0.0.1:1",
-        ])
-        .output()
-        .unwrap();
+    let output = run_refused(&["--control-plane", "https://127.0.0.1:1"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("needs --trust-anchors"), "{stderr}");
