@@ -164,6 +164,10 @@ struct RunArgs {
     /// whatever its route's timeouts: an upstream that never answers is not a hang.
     #[arg(long, default_value = "300s", value_parser = duration::parse)]
     response_headers_timeout: Duration,
+    /// How long a client may go without sending any of a request body it started
+    /// (408 SI after it); upgraded connections and CONNECT tunnels are exempt.
+    #[arg(long, default_value = "5m", value_parser = duration::parse)]
+    request_idle_timeout: Duration,
     /// Worker threads; 1 runs everything on one thread, which suits a sidecar.
     #[arg(long, default_value_t = 1, env = "TRELLIS_THREADS")]
     threads: usize,
@@ -297,6 +301,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         http2_max_concurrent_streams: args.http2_max_concurrent_streams,
         response_headers_timeout: args.response_headers_timeout,
+        request_idle_timeout: args.request_idle_timeout,
     };
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

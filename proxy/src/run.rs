@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 /// Runs the proxy until shutdown is requested and the drain finishes.
 pub async fn run(settings: Settings, config: Config) -> io::Result<()> {
     let metrics = crate::metrics::install();
+    raise_open_files_limit(settings.max_connections);
     let settings = Arc::new(settings);
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr).await.map_err(|e| {
@@ -150,5 +151,24 @@ async fn wait_for_shutdown(admin: &AdminState) {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = int.recv() => tracing::info!("SIGINT"),
         _ = admin.shutdown.notified() => tracing::info!("shutdown requested on the admin port"),
+    }
+}
+
+/// Each proxied connection holds two descriptors (client and upstream) on each
+/// listener; a soft limit of 1024, common outside containers, would refuse
+/// connections long before `--max-connections`. So the soft limit is raised to
+/// the hard one at start, as Go programs do, and a hard limit too low is logged.
+fn raise_open_files_limit(max_connections: usize) {
+    let wanted = (max_connections as u64)
+        .saturating_mul(4)
+        .saturating_add(256);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-files limit is below what --max-connections on both listeners needs"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-files limit"),
     }
 }

@@ -51,6 +51,10 @@ pub struct Settings {
     /// route says: an upstream that never answers gets a 504, not a hang.
     #[serde(with = "serde_text")]
     pub response_headers_timeout: Duration,
+    /// How long a client may stall mid-way through a request body before the
+    /// request is cut (408), so it cannot hold an upstream request open.
+    #[serde(with = "serde_text")]
+    pub request_idle_timeout: Duration,
 }
 
 /// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,

@@ -10,6 +10,7 @@ pub mod control_plane;
 pub mod fake_apiserver;
 pub mod fuzz;
 pub mod grpc;
+pub mod h2frames;
 pub mod http;
 pub mod kube;
 pub mod kube_api;

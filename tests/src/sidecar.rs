@@ -200,6 +200,28 @@ impl Sidecar {
         self.child.id() as i32
     }
 
+    /// The proxy's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read the proxy's /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
+    /// Asserts the proxy's RSS grew by at most `growth_kib` since `before_kib`
+    /// (from [`Sidecar::rss_kib`]), and prints both under `what`.
+    pub fn assert_rss_bounded(&self, what: &str, before_kib: u64, growth_kib: u64) {
+        let after = self.rss_kib();
+        eprintln!("RSS {what}: {before_kib} KiB before, {after} KiB after");
+        assert!(
+            after <= before_kib + growth_kib,
+            "{what}: RSS grew from {before_kib} to {after} KiB"
+        );
+    }
+
     /// The proxy's metrics, scraped from its admin port.
     pub async fn metrics(&self) -> Metrics {
         let (status, _, body) = get(&self.pod, admin(), "/metrics")

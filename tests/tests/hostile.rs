@@ -15,6 +15,10 @@ use trellis_tests::{
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// How much a proxy's RSS may grow over one case: enough for what a few
+/// connections need, far below what an unbounded buffer would take.
+const RSS_GROWTH_KIB: u64 = 16 * 1024;
+
 /// Sends `bytes` on a new connection from `pod` to `to` and returns all it reads
 /// back until the other side closes (bounded: 10 s).
 async fn exchange(pod: &Pod, to: SocketAddr, bytes: &[u8]) -> String {
@@ -92,6 +96,7 @@ async fn bad_requests_get_a_clear_answer_and_never_reach_the_app() {
         (net.pod(0), &client, "outbound"),
         (net.pod(2), &server, "inbound"),
     ] {
+        let before = sidecar.rss_kib();
         for (what, bytes, status) in BAD {
             let answer = exchange(sender, to, bytes).await;
             assert!(
@@ -138,6 +143,11 @@ async fn bad_requests_get_a_clear_answer_and_never_reach_the_app() {
             "{direction}, huge head: {answer:?}"
         );
         served(sender, to).await;
+        sidecar.assert_rss_bounded(
+            &format!("{direction}, malformed, smuggling and oversized HTTP/1"),
+            before,
+            RSS_GROWTH_KIB,
+        );
         // Counted once each connection has ended: six malformed heads, one too
         // large; the bad body is a request the proxy answered (flag DPE).
         until(LIMIT, "the bad requests counted", || async {
@@ -185,6 +195,7 @@ async fn a_slow_client_is_cut_off_without_delaying_others() {
     )
     .await;
     let to = SocketAddr::from((net.pod(1).ip, 8080));
+    let before = client.rss_kib();
     // Slowloris: a request head that never ends.
     let mut slow = net.pod(0).connect(to).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: app\r\nX-Slow: ")
@@ -206,6 +217,71 @@ async fn a_slow_client_is_cut_off_without_delaying_others() {
         }
     })
     .await;
+    client.assert_rss_bounded("outbound, slowloris", before, RSS_GROWTH_KIB);
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_with_408_without_delaying_others() {
+    let net = Network::new(3);
+    let _app = apps::http_app(net.pod(1).listen(8080), "app");
+    // The client's sidecar cuts first on the way out; the server's on the way in.
+    let (client_args, server_args) = (
+        ["--request-idle-timeout", "1s"],
+        ["--request-idle-timeout", "2s"],
+    );
+    let server = Sidecar::start(
+        net.pod(1),
+        Options {
+            run_args: &server_args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = Sidecar::start(
+        net.pod(0),
+        Options {
+            run_args: &client_args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let to = SocketAddr::from((net.pod(1).ip, 8080));
+    for (sender, sidecar, direction) in [
+        (net.pod(0), &client, "outbound"),
+        (net.pod(2), &server, "inbound"),
+    ] {
+        let before = sidecar.rss_kib();
+        // Ten bytes of a hundred, then nothing.
+        let mut stalled = sender.connect(to).await.unwrap();
+        stalled
+            .write_all(
+                b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 100\r\n\r\nonly ten b",
+            )
+            .await
+            .unwrap();
+        served(sender, to).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(LIMIT, stalled.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && answer.starts_with("HTTP/1.1 408"),
+            "{direction}: {answer:?}"
+        );
+        assert!(
+            answer.contains("x-trellis-flags: SI\r\n"),
+            "{direction}: {answer:?}"
+        );
+        let cut = sidecar.metrics().await.sum(
+            "trellis_requests_total",
+            &[("direction", direction), ("flags", "SI")],
+        );
+        assert_eq!(cut, 1.0, "{direction}: counted with flag SI");
+        sidecar.assert_rss_bounded(
+            &format!("{direction}, stalled request body"),
+            before,
+            RSS_GROWTH_KIB,
+        );
+    }
 }
 
 #[tokio::test]
@@ -222,6 +298,7 @@ async fn a_listener_at_its_connection_limit_closes_new_connections_at_once() {
     )
     .await;
     let to = SocketAddr::from((net.pod(1).ip, 8080));
+    let before = server.rss_kib();
     // The outsider (pod 0, no sidecar) holds three connections open.
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -252,6 +329,7 @@ async fn a_listener_at_its_connection_limit_closes_new_connections_at_once() {
         }
     })
     .await;
+    server.assert_rss_bounded("inbound, connection limit", before, RSS_GROWTH_KIB);
 }
 
 /// An app on `port` of `pod` that reads a request head and answers `answer`
@@ -302,7 +380,8 @@ async fn an_upstream_that_misbehaves_gets_the_client_a_clear_answer_not_a_hang()
         },
     )
     .await;
-    let _client = Sidecar::start(net.pod(0), Options::default()).await;
+    let client = Sidecar::start(net.pod(0), Options::default()).await;
+    let before = client.rss_kib();
     let client_pod = net.pod(0);
     let call = |port: u16| {
         let to = SocketAddr::from((server_pod.ip, port));
@@ -327,5 +406,6 @@ async fn an_upstream_that_misbehaves_gets_the_client_a_clear_answer_not_a_hang()
     );
     assert_eq!(call(9003).await, (504, "UT".to_owned()), "no answer at all");
     assert_eq!(call(9004).await, (502, "UC".to_owned()), "not HTTP");
+    client.assert_rss_bounded("outbound, misbehaving upstreams", before, RSS_GROWTH_KIB);
     drop(apps);
 }

@@ -19,14 +19,19 @@ use crate::{
         body::ResponseBody,
         forward::{forward, is_upgrade},
         pool::Pool,
-        request_body::RequestBody,
+        request_body::{BodyStalled, ClientBody, RequestBody},
     },
 };
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use respond::FLAGS_HEADER;
 use std::{
-    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
 };
 use trellis_proto::model::authorization::{Call, Peer};
 
@@ -39,6 +44,8 @@ pub struct Shared {
     pub access_log: bool,
     /// The bound on waiting for response headers (`--response-headers-timeout`).
     pub response_headers_timeout: std::time::Duration,
+    /// How long a request body may stall (`--request-idle-timeout`).
+    pub request_idle_timeout: std::time::Duration,
 }
 
 /// The hyper service for one downstream connection.
@@ -102,12 +109,28 @@ impl HttpProxy {
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let grpc = is_grpc(&req);
-        let mut req = req.map(RequestBody::Incoming);
-        if is_upgrade(req.headers()) {
-            req.extensions_mut().insert(self.drain.clone());
+        let (mut parts, body) = req.into_parts();
+        // A tunnel (an upgrade to a WebSocket, a CONNECT) may rightly be quiet.
+        let upgrade = is_upgrade(&parts.headers);
+        let idle = match upgrade || parts.method == http::Method::CONNECT {
+            true => Duration::ZERO,
+            false => self.shared.request_idle_timeout,
+        };
+        let (body, stalled) = ClientBody::new(body, idle);
+        if upgrade {
+            parts.extensions.insert(self.drain.clone());
         }
+        let req = Request::from_parts(parts, RequestBody::Incoming(body));
         let limit = self.shared.response_headers_timeout;
         let result = match tokio::time::timeout(limit, self.dispatch(req, &mut labels)).await {
+            // However the upstream request failed, a body cut for stalling is why.
+            Err(_) | Ok(Err(_)) if stalled.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) => {
+                Err(Failure::local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Flags::SI,
+                    BodyStalled(self.shared.request_idle_timeout).to_string(),
+                ))
+            }
             Ok(result) => result,
             Err(_) => Err(Failure::local(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -4,6 +4,7 @@
 //! opaque bytes ([`tcp`]); each holds a [`Drain`] so shutdown waits for it.
 
 pub mod detect;
+pub mod flood;
 pub mod io;
 pub mod tcp;
 
@@ -32,6 +33,19 @@ use trellis_proto::model::{
     authorization::{Call, Peer},
     config::MtlsMode,
 };
+
+/// What the proxy lets one HTTP/2 stream send it before it reads (the protocol's
+/// default window, as Linkerd): each stream a client holds without reading
+/// pins this much of the upstream's response in the proxy (2 MiB with hyper's
+/// defaults: 100 streams that never read held 200 MiB).
+pub const H2_STREAM_WINDOW: u32 = 65_535;
+/// What all of one HTTP/2 connection's streams may send before the proxy reads:
+/// room for 100 streams' full windows, so streams a slow reader holds cannot use
+/// up a pooled upstream connection's window and stall everyone else's.
+pub const H2_CONNECTION_WINDOW: u32 = 100 * H2_STREAM_WINDOW;
+/// Response bytes one HTTP/2 stream may buffer beyond what the client's window
+/// lets through.
+const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// Everything a connection handler needs, shared by all of one listener's connections.
 pub struct Listener {
@@ -66,7 +80,12 @@ impl Listener {
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(settings.http2_max_concurrent_streams)
-            .max_header_list_size(settings.max_header_bytes);
+            .max_header_list_size(settings.max_header_bytes)
+            // What a stream may hold for a client whose window is shut: with
+            // hyper's 400 KiB, 100 streams that never read held 40 MiB.
+            .max_send_buf_size(H2_SEND_BUFFER)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
         Arc::new(Listener {
             direction,
             loaded,
@@ -77,6 +96,7 @@ impl Listener {
                 pool: pool.clone(),
                 access_log: settings.access_log,
                 response_headers_timeout: settings.response_headers_timeout,
+                request_idle_timeout: settings.request_idle_timeout,
             }),
             identity,
             server_config: ArcSwapOption::empty(),
@@ -262,6 +282,9 @@ async fn serve_http<I>(
         drain.clone(),
     );
     if protocol == Protocol::Http2 {
+        let closed =
+            metrics::counter!(HTTP_ERRORS_TOTAL, "direction" => direction, "kind" => "http2");
+        let io = flood::FloodGuard::new(io, closed);
         let conn = state.h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let result = tokio::select! {

@@ -45,9 +45,11 @@ impl Flags {
     pub const AZ: Flags = Flags(1 << 10);
     /// Downstream protocol error: the client's request could not be read.
     pub const DPE: Flags = Flags(1 << 11);
+    /// Stream idle: the client stalled mid-way through its request body.
+    pub const SI: Flags = Flags(1 << 12);
 
-    const NAMES: [&'static str; 12] = [
-        "UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX", "AZ", "DPE",
+    const NAMES: [&'static str; 13] = [
+        "UF", "UC", "UH", "NR", "UT", "UO", "RL", "DI", "FI", "URX", "AZ", "DPE", "SI",
     ];
 
     pub fn union(self, other: Flags) -> Flags {

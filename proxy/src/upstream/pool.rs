@@ -410,6 +410,8 @@ where
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .initial_stream_window_size(crate::listen::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::listen::H2_CONNECTION_WINDOW)
         .handshake(io)
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;

@@ -1,7 +1,7 @@
 //! Request bodies as they cross the proxy.
 //!
-//! Bodies stream frame by frame (trailers included) and are never collected. The
-//! one exception is a request on a route with retries: [`ReplayBody`] keeps a copy of
+//! Bodies stream frame by frame (trailers included) and are never collected. A
+//! client's body that stalls mid-way is cut ([`ClientBody`]). The one exception is a request on a route with retries: [`ReplayBody`] keeps a copy of
 //! what it streamed, up to [`REPLAY_LIMIT`], so a retry can send it again; past the
 //! limit the copy is dropped and the request is no longer retried.
 
@@ -10,10 +10,16 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::{
+    future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
+    time::Duration,
 };
+use tokio::time::{Instant, Sleep};
 
 /// Request bodies larger than this are never buffered for a retry.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -22,7 +28,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Original = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
 pub enum RequestBody {
-    Incoming(Incoming),
+    Incoming(ClientBody),
     Replay(ReplayBody),
     /// No body (requests the proxy makes itself, and tests).
     Empty,
@@ -57,6 +63,93 @@ impl Body for RequestBody {
             RequestBody::Replay(body) => body.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// A client's request body, cut when it stalls: a client that stops sending
+/// mid-body would hold the upstream request (and its connection) open for as long
+/// as it likes, so after `limit` without a frame the body ends in [`BodyStalled`].
+pub struct ClientBody<B = Incoming> {
+    body: B,
+    /// `None` when the body had ended already, or nothing is ever cut.
+    stall: Option<Stall>,
+}
+
+struct Stall {
+    limit: Duration,
+    timer: Pin<Box<Sleep>>,
+    stalled: Arc<AtomicBool>,
+}
+
+/// The error a stalled client body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no part of its request body for {0:?} (--request-idle-timeout)")]
+pub struct BodyStalled(pub Duration);
+
+impl<B: Body> ClientBody<B> {
+    /// Watches `body` for stalls longer than `limit` (zero: never cut). The flag
+    /// that comes with it is set once the body is cut, so the request's answer can
+    /// say why. A body that has already ended costs nothing.
+    pub fn new(body: B, limit: Duration) -> (ClientBody<B>, Option<Arc<AtomicBool>>) {
+        if limit.is_zero() || body.is_end_stream() {
+            return (ClientBody { body, stall: None }, None);
+        }
+        let stalled = Arc::new(AtomicBool::new(false));
+        let stall = Stall {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            stalled: stalled.clone(),
+        };
+        let body = ClientBody {
+            body,
+            stall: Some(stall),
+        };
+        (body, Some(stalled))
+    }
+}
+
+impl<B> Body for ClientBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(stall) = &mut this.stall {
+                    let next = Instant::now() + stall.limit;
+                    stall.timer.as_mut().reset(next);
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let Some(stall) = &mut this.stall else {
+                    return Poll::Pending;
+                };
+                if stall.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                stall.stalled.store(true, Ordering::Relaxed);
+                let limit = stall.limit;
+                this.stall = None;
+                Poll::Ready(Some(Err(BodyStalled(limit).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -278,5 +371,62 @@ mod tests {
         let again = body(&[REPLAY_LIMIT, 1], false);
         let _ = read(again.try_clone().unwrap()).await;
         assert!(again.try_clone().is_none(), "no replay past the limit");
+    }
+
+    type Fed = Result<Frame<Bytes>, Infallible>;
+
+    /// A body the test feeds frame by frame.
+    fn fed() -> (
+        tokio::sync::mpsc::Sender<Fed>,
+        http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Fed>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        (tx, body)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_is_cut_after_the_limit_and_only_then() {
+        let limit = Duration::from_secs(5);
+        let (tx, body) = fed();
+        let (mut body, stalled) = ClientBody::new(body, limit);
+        let stalled = stalled.expect("a body still to come is watched");
+        // A frame every 4 s keeps it alive: each frame restarts the clock.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+                .await
+                .unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "part");
+        }
+        assert!(!stalled.load(Ordering::Relaxed));
+        // Then nothing: cut after exactly the limit.
+        let started = Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), limit);
+        assert!(error.is::<BodyStalled>(), "{error}");
+        assert!(stalled.load(Ordering::Relaxed));
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_body_or_a_zero_limit_is_never_cut() {
+        let (_, none) = ClientBody::new(
+            http_body_util::Empty::<Bytes>::new(),
+            Duration::from_secs(1),
+        );
+        assert!(none.is_none(), "nothing to watch on an ended body");
+        let (tx, body) = fed();
+        let (mut body, flag) = ClientBody::new(body, Duration::ZERO);
+        assert!(flag.is_none());
+        let later = async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"late"))))
+                .await
+                .unwrap();
+        };
+        let (frame, ()) = tokio::join!(body.frame(), later);
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "late");
     }
 }
