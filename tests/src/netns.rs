@@ -202,6 +202,32 @@ impl Network {
     }
 }
 
+/// For harnesses built with `panic = "abort"` (the release profile), where no
+/// `Drop` runs: on a panic, kills what runs in this process's namespaces and
+/// deletes them, so a failed bench leaves nothing behind.
+pub fn clean_up_on_panic() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let prefix = format!("trellis-{}-", std::process::id());
+        let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        let list = String::from_utf8_lossy(&list.stdout);
+        for netns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if !netns.starts_with(&prefix) {
+                continue;
+            }
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", netns]).output() {
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        }
+    }));
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for pod in &self.pods {

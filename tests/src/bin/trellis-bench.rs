@@ -340,6 +340,7 @@ fn list(values: &[f64], precision: usize) -> String {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    trellis_tests::netns::clean_up_on_panic();
     let rate = env_or("BENCH_RATE", 1000);
     let seconds = env_or("BENCH_SECONDS", 10);
     let proxy_version = Command::new(trellis_tests::sidecar::proxy_bin())

@@ -183,6 +183,7 @@ fn per_connection(before: u64, after: u64, count: usize) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    trellis_tests::netns::clean_up_on_panic();
     // The client ends of every connection are here, and for silent ones the
     // app's ends too; the sidecars inherit the limit and raise theirs the same way.
     let limit = rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-files limit");
