@@ -19,7 +19,7 @@ use crate::{
     settings::Settings,
     shutdown::Drain,
     stack::balance::outlier::Answer,
-    upstream::pool::{Opaque, Pool},
+    upstream::pool::{Opaque, Pool, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW},
 };
 use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
@@ -34,15 +34,6 @@ use trellis_proto::model::{
     config::MtlsMode,
 };
 
-/// What the proxy lets one HTTP/2 stream send it before it reads (the protocol's
-/// default window, as Linkerd): each stream a client holds without reading
-/// pins this much of the upstream's response in the proxy (2 MiB with hyper's
-/// defaults: 100 streams that never read held 200 MiB).
-pub const H2_STREAM_WINDOW: u32 = 65_535;
-/// What all of one HTTP/2 connection's streams may send before the proxy reads:
-/// room for 100 streams' full windows, so streams a slow reader holds cannot use
-/// up a pooled upstream connection's window and stall everyone else's.
-pub const H2_CONNECTION_WINDOW: u32 = 100 * H2_STREAM_WINDOW;
 /// Response bytes one HTTP/2 stream may buffer beyond what the client's window
 /// lets through.
 const H2_SEND_BUFFER: usize = 64 * 1024;

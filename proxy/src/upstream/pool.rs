@@ -83,6 +83,15 @@ impl UpstreamError {
     }
 }
 
+/// What the proxy lets one HTTP/2 stream send it before it reads, downstream and
+/// upstream (the protocol's default window, as Linkerd): each stream a client
+/// holds without reading pins this much of the upstream's response in the proxy
+/// (2 MiB with hyper's defaults: 100 streams that never read held 200 MiB).
+pub const H2_STREAM_WINDOW: u32 = 65_535;
+/// What all of one HTTP/2 connection's streams may send before the proxy reads:
+/// room for 100 streams' full windows, so streams a slow reader holds cannot use
+/// up a pooled upstream connection's window and stall everyone else's.
+pub const H2_CONNECTION_WINDOW: u32 = 100 * H2_STREAM_WINDOW;
 /// A destination's `maxConnections`: how many upstream connections it may hold open.
 pub struct ConnectionLimit {
     slots: Arc<Semaphore>,
@@ -410,8 +419,8 @@ where
 {
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .initial_stream_window_size(crate::listen::H2_STREAM_WINDOW)
-        .initial_connection_window_size(crate::listen::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .handshake(io)
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
