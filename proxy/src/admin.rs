@@ -150,6 +150,8 @@ fn respond(state: &AdminState, req: Request<Incoming>, local: bool) -> Response<
             }
         }
         (&Method::GET, "/metrics") => {
+            #[cfg(feature = "count-allocations")]
+            crate::allocations::publish();
             let mut response = text(StatusCode::OK, state.metrics.render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

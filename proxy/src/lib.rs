@@ -16,8 +16,12 @@
 //!   [`control_plane`], the connection the proxy's [`identity`] is certified over too.
 //! - [`admin`], [`metrics`]: the admin port and what it reports.
 //! - [`settings`], [`shutdown`], [`backoff`], [`rng`]: shared plumbing.
+//! - `allocations` (the `count-allocations` feature): a counting allocator for
+//!   `benches/allocations`.
 
 pub mod admin;
+#[cfg(feature = "count-allocations")]
+pub mod allocations;
 pub mod backoff;
 pub mod config;
 pub mod control_plane;

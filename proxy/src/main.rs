@@ -12,6 +12,10 @@ use trellis_proxy::{
     settings::{Settings, DEFAULT_OPAQUE_PORTS},
 };
 
+#[cfg(feature = "count-allocations")]
+#[global_allocator]
+static ALLOCATOR: trellis_proxy::allocations::Counting = trellis_proxy::allocations::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "trellis-proxy",

@@ -46,6 +46,7 @@ pub struct Shared {
     pub response_headers_timeout: std::time::Duration,
     /// How long a request body may stall (`--request-idle-timeout`).
     pub request_idle_timeout: std::time::Duration,
+    pub request_metrics: RequestMetrics,
 }
 
 /// The hyper service for one downstream connection.
@@ -239,31 +240,66 @@ impl HttpProxy {
         flags: Flags,
         start: Instant,
     ) {
-        let direction = self.shared.direction.label();
-        let protocol = self.protocol.label();
-        let label = |value: Option<&Arc<str>>| match value {
+        let key = RequestKey {
+            protocol: self.protocol.label(),
+            service: labels.service.clone(),
+            route: labels.route.clone(),
+            backend: backend.cloned(),
+            code: response.status().as_u16(),
+            flags,
+        };
+        let mut handles = self
+            .shared
+            .request_metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (requests, duration) = handles
+            .entry(key)
+            .or_insert_with_key(|key| key.register(self.shared.direction.label()));
+        requests.increment(1);
+        duration.record(start.elapsed().as_secs_f64());
+    }
+}
+
+/// The labels one request is counted under, besides the direction.
+#[derive(PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    protocol: &'static str,
+    service: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    backend: Option<Arc<str>>,
+    code: u16,
+    flags: Flags,
+}
+
+/// The request counter and duration histogram of each label set, resolved once:
+/// looking a metric up by its labels allocates twice (the label list, then the
+/// registry's copy of the key) on every call.
+pub type RequestMetrics =
+    std::sync::Mutex<std::collections::HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>>;
+
+impl RequestKey {
+    fn register(&self, direction: &'static str) -> (metrics::Counter, metrics::Histogram) {
+        let label = |value: &Option<Arc<str>>| match value {
             Some(name) => metrics::SharedString::from(name.clone()),
             None => metrics::SharedString::const_str(""),
         };
-        let service = label(labels.service.as_ref());
-        let route = label(labels.route.as_ref());
-        metrics::counter!(REQUESTS_TOTAL,
+        let requests = metrics::counter!(REQUESTS_TOTAL,
             "direction" => direction,
-            "protocol" => protocol,
-            "service" => service.clone(),
-            "route" => route.clone(),
-            "backend" => label(backend),
-            "code" => status_label(response.status().as_u16()),
-            "flags" => flags.label(),
-        )
-        .increment(1);
-        metrics::histogram!(REQUEST_DURATION,
+            "protocol" => self.protocol,
+            "service" => label(&self.service),
+            "route" => label(&self.route),
+            "backend" => label(&self.backend),
+            "code" => status_label(self.code),
+            "flags" => self.flags.label(),
+        );
+        let duration = metrics::histogram!(REQUEST_DURATION,
             "direction" => direction,
-            "protocol" => protocol,
-            "service" => service,
-            "route" => route,
-        )
-        .record(start.elapsed().as_secs_f64());
+            "protocol" => self.protocol,
+            "service" => label(&self.service),
+            "route" => label(&self.route),
+        );
+        (requests, duration)
     }
 }
 

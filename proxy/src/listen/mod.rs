@@ -88,6 +88,7 @@ impl Listener {
                 access_log: settings.access_log,
                 response_headers_timeout: settings.response_headers_timeout,
                 request_idle_timeout: settings.request_idle_timeout,
+                request_metrics: Default::default(),
             }),
             identity,
             server_config: ArcSwapOption::empty(),

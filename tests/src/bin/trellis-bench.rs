@@ -8,6 +8,9 @@
 //! second: opaque TCP to a cluster IP, each connection a new mesh mTLS handshake
 //! when meshed.
 //!
+//! With the argument `allocations` (`benches/allocations`), it counts instead
+//! the heap allocations each sidecar makes per request.
+//!
 //! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
@@ -338,20 +341,9 @@ fn list(values: &[f64], precision: usize) -> String {
         .join(" / ")
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    trellis_tests::netns::clean_up_on_panic();
-    let rate = env_or("BENCH_RATE", 1000);
-    let seconds = env_or("BENCH_SECONDS", 10);
-    let proxy_version = Command::new(trellis_tests::sidecar::proxy_bin())
-        .arg("--version")
-        .output();
-    println!(
-        "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
-        proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
-    );
-    let mut rows = Vec::new();
-    let setups = [
+/// Every setup, direct first.
+fn setups() -> [Setup; 6] {
+    [
         Setup {
             name: "direct",
             sidecars_at: &[],
@@ -394,7 +386,96 @@ async fn main() {
             client_config: None,
             host: None,
         },
-    ];
+    ]
+}
+
+/// Allocations per request on each sidecar of `setup`: the proxy built with the
+/// `count-allocations` feature (`benches/allocations`) reports what it allocated,
+/// read before and after a fixed number of requests.
+async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
+    let net = Network::new(3);
+    start_app(net.pod(1));
+    let (sidecars, _control_plane, _secrets) = sidecars(setup, &net).await;
+    let target = match setup.source {
+        Source::File => SocketAddr::from((net.pod(1).ip, 8080)),
+        Source::ControlPlane | Source::Mtls => addr(shop::REVIEWS),
+    };
+    let (client, host) = (net.pod(0).clone(), setup.host);
+    let run = |n: u64| {
+        let client = client.clone();
+        tokio::task::spawn_blocking(move || {
+            oha(&client, target, host, &["-n", &n.to_string(), "-c", "8"])
+        })
+    };
+    run(2000).await.unwrap();
+    let mut counted = Vec::new();
+    for sidecar in &sidecars {
+        let metrics = sidecar.metrics().await;
+        counted.push((
+            metrics.sum("trellis_allocations_total", &[]),
+            metrics.sum("trellis_allocated_bytes_total", &[]),
+        ));
+    }
+    // A scrape allocates too: the second of two back-to-back scrapes is the
+    // baseline, and their difference is taken off again at the end.
+    let mut baseline = Vec::new();
+    for (sidecar, first) in sidecars.iter().zip(&counted) {
+        let metrics = sidecar.metrics().await;
+        let count = metrics.sum("trellis_allocations_total", &[]);
+        let bytes = metrics.sum("trellis_allocated_bytes_total", &[]);
+        baseline.push((count, bytes, count - first.0, bytes - first.1));
+    }
+    let load = run(requests).await.unwrap();
+    assert!(load.success > 0.999, "{}: requests failed", setup.name);
+    let mut per_request = Vec::new();
+    for (sidecar, (count, bytes, scrape_count, scrape_bytes)) in sidecars.iter().zip(baseline) {
+        let metrics = sidecar.metrics().await;
+        let after = (
+            metrics.sum("trellis_allocations_total", &[]),
+            metrics.sum("trellis_allocated_bytes_total", &[]),
+        );
+        per_request.push((
+            (after.0 - count - scrape_count) / requests as f64,
+            (after.1 - bytes - scrape_bytes) / requests as f64,
+        ));
+    }
+    per_request
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    trellis_tests::netns::clean_up_on_panic();
+    if std::env::args().nth(1).as_deref() == Some("allocations") {
+        let requests = env_or("BENCH_REQUESTS", 20_000);
+        println!("Heap allocations per request, {requests} requests on 8 connections (oha -n), counted by each sidecar\n");
+        println!(
+            "| setup | allocations per request (each sidecar) | bytes per request (each sidecar) |"
+        );
+        println!("|---|---|---|");
+        for setup in &setups()[1..] {
+            eprintln!("counting {} ...", setup.name);
+            let counts = allocations(setup, requests).await;
+            let (allocs, bytes): (Vec<f64>, Vec<f64>) = counts.into_iter().unzip();
+            println!(
+                "| {} | {} | {} |",
+                setup.name,
+                list(&allocs, 1),
+                list(&bytes, 0)
+            );
+        }
+        return;
+    }
+    let rate = env_or("BENCH_RATE", 1000);
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let proxy_version = Command::new(trellis_tests::sidecar::proxy_bin())
+        .arg("--version")
+        .output();
+    println!(
+        "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
+        proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    );
+    let mut rows = Vec::new();
+    let setups = setups();
     for setup in &setups {
         eprintln!("measuring {} ...", setup.name);
         rows.push(measure(setup, rate, seconds).await);
