@@ -306,6 +306,23 @@ impl Pool {
         }
     }
 
+    async fn connect_h2(
+        &self,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        limit: Option<&ConnectionLimit>,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let place = limit.map(ConnectionLimit::take).transpose()?;
+        let io = self.connect(addr).await?;
+        match tls {
+            Some(config) => {
+                let io = Pool::handshake_tls(addr, io, config).await?;
+                handshake_h2(addr, TokioIo::new(io), place).await
+            }
+            None => handshake_h2(addr, TokioIo::new(io), place).await,
+        }
+    }
+
     /// Sends an HTTP/1 request; the lease must be released once the response body
     /// has been read to its end (or dropped, which closes the connection).
     pub async fn send_h1(
@@ -321,7 +338,9 @@ impl Pool {
                 Some(sender) => (sender, true),
                 None => {
                     let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
-                    (self.connect_h1(addr, tls, limit).await?, false)
+                    // Boxed: the connect and TLS handshake states would otherwise
+                    // make every request's future kilobytes larger.
+                    (Box::pin(self.connect_h1(addr, tls, limit)).await?, false)
                 }
             };
             match sender.try_send_request(req).await {
@@ -361,15 +380,8 @@ impl Pool {
             Some(sender) => sender,
             None => {
                 let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP2)?;
-                let place = limit.map(ConnectionLimit::take).transpose()?;
-                let io = self.connect(addr).await?;
-                let sender = match tls {
-                    Some(config) => {
-                        let io = Pool::handshake_tls(addr, io, config).await?;
-                        handshake_h2(addr, TokioIo::new(io), place).await?
-                    }
-                    None => handshake_h2(addr, TokioIo::new(io), place).await?,
-                };
+                // Boxed, as in `send_h1`.
+                let sender = Box::pin(self.connect_h2(addr, tls, limit)).await?;
                 lock(&self.h2).insert(key, sender.clone());
                 sender
             }
