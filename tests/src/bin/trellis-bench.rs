@@ -271,7 +271,18 @@ async fn sidecars(
     (sidecars, control_plane, secrets)
 }
 
-async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
+/// A setup running in fresh pods. Fields drop in order: the sidecars and the
+/// control plane before the pods they run in.
+struct Running {
+    sidecars: Vec<Sidecar>,
+    _control_plane: Option<ControlPlane>,
+    _secrets: Option<TempDir>,
+    /// Where the client calls: the app, or the service's cluster IP.
+    target: SocketAddr,
+    net: Network,
+}
+
+async fn start(setup: &Setup) -> Running {
     let net = Network::new(3);
     start_app(net.pod(1));
     let (sidecars, _control_plane, _secrets) = sidecars(setup, &net).await;
@@ -279,6 +290,18 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
         Source::File => SocketAddr::from((net.pod(1).ip, 8080)),
         Source::ControlPlane | Source::Mtls => addr(shop::REVIEWS),
     };
+    Running {
+        sidecars,
+        _control_plane,
+        _secrets,
+        target,
+        net,
+    }
+}
+
+async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
+    let running = start(setup).await;
+    let (net, sidecars, target) = (&running.net, &running.sidecars, running.target);
     let client = net.pod(0).clone();
     let duration = format!("{seconds}s");
 
@@ -318,7 +341,7 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
         .unwrap();
     let connections = (setup.source != Source::File)
         .then(|| connections_per_second(&client, addr(shop::ECHO_TCP), seconds.min(5)));
-    drop(sidecars);
+    drop(running);
     Row {
         setup: setup.name,
         fixed,
@@ -393,13 +416,8 @@ fn setups() -> [Setup; 6] {
 /// `count-allocations` feature (`benches/allocations`) reports what it allocated,
 /// read before and after a fixed number of requests.
 async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
-    let net = Network::new(3);
-    start_app(net.pod(1));
-    let (sidecars, _control_plane, _secrets) = sidecars(setup, &net).await;
-    let target = match setup.source {
-        Source::File => SocketAddr::from((net.pod(1).ip, 8080)),
-        Source::ControlPlane | Source::Mtls => addr(shop::REVIEWS),
-    };
+    let running = start(setup).await;
+    let (net, sidecars, target) = (&running.net, &running.sidecars, running.target);
     let (client, host) = (net.pod(0).clone(), setup.host);
     let run = |n: u64| {
         let client = client.clone();
@@ -409,7 +427,7 @@ async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
     };
     run(2000).await.unwrap();
     let mut counted = Vec::new();
-    for sidecar in &sidecars {
+    for sidecar in sidecars {
         let metrics = sidecar.metrics().await;
         counted.push((
             metrics.sum("trellis_allocations_total", &[]),
