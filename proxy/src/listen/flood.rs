@@ -121,12 +121,12 @@ pub struct FloodGuard<I> {
     last_stream: u32,
     /// Once flooded: the GOAWAY, and how much of it is written.
     goaway: Option<([u8; 17], usize)>,
-    /// `trellis_http_errors_total{kind="http2"}` of the listener.
-    closed: metrics::Counter,
+    /// The listener's direction, the label the flood is counted under.
+    direction: &'static str,
 }
 
 impl<I> FloodGuard<I> {
-    pub fn new(io: I, closed: metrics::Counter) -> FloodGuard<I> {
+    pub fn new(io: I, direction: &'static str) -> FloodGuard<I> {
         FloodGuard {
             io,
             read: Frames::new(PREFACE_LEN),
@@ -137,7 +137,7 @@ impl<I> FloodGuard<I> {
             },
             last_stream: 0,
             goaway: None,
-            closed,
+            direction,
         }
     }
 
@@ -207,7 +207,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for FloodGuard<I> {
         if flooded {
             tracing::info!("HTTP/2 PING or SETTINGS flood; closing with ENHANCE_YOUR_CALM");
             this.goaway = Some((goaway(this.last_stream), 0));
-            this.closed.increment(1);
+            metrics::counter!(crate::metrics::HTTP_ERRORS_TOTAL, "direction" => this.direction, "kind" => "http2")
+                .increment(1);
             // What was read is dropped: nothing more of this client is served.
             buf.set_filled(before);
             cx.waker().wake_by_ref();
@@ -270,7 +271,7 @@ mod tests {
     async fn pair() -> (FloodGuard<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (server, mut client) = tokio::io::duplex(1 << 20);
         client.write_all(&[b'P'; PREFACE_LEN]).await.unwrap();
-        (FloodGuard::new(server, metrics::Counter::noop()), client)
+        (FloodGuard::new(server, "test"), client)
     }
 
     #[test]

@@ -274,9 +274,8 @@ async fn serve_http<I>(
         drain.clone(),
     );
     if protocol == Protocol::Http2 {
-        let closed =
-            metrics::counter!(HTTP_ERRORS_TOTAL, "direction" => direction, "kind" => "http2");
-        let io = flood::FloodGuard::new(io, closed);
+        // Counted only if it floods: nothing is looked up per connection.
+        let io = flood::FloodGuard::new(io, direction);
         let conn = state.h2.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let result = tokio::select! {
