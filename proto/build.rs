@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ["trellis/v1/discovery.proto", "trellis/v1/identity.proto"],
         ["proto"],
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // A resource's JSON is `Bytes`: the control plane encodes each resource once
+    // and shares it between every stream that sends it.
+    tonic_prost_build::configure()
+        .bytes(".trellis.v1.Resource.json")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,14 +1,18 @@
 //! Control-plane scale: a mesh of 1 000 services, 10 000 endpoints and 1 000 routes,
-//! served to 1 000 proxy streams (simulated in this process, each ACKing what it
-//! gets), by the real `trellis-control-plane --local` binary.
+//! served to 1 000 proxy streams (`BENCH_PROXIES`; simulated in this process, each
+//! ACKing what it gets and reconnecting when its stream breaks, as a proxy does),
+//! by the real `trellis-control-plane --local` binary.
 //!
-//! Prints: the control plane's RSS and CPU to translate the mesh and push it whole
-//! to every stream; then, for one EndpointSlice change written to the directory,
-//! the time from the write to each stream's ACK (p50, p99, last) and the bytes each
-//! stream was sent for it. The local-mode poll (`--poll`) and the debounce are part
-//! of that time and printed with it.
+//! Prints: the control plane's RSS (now and at its peak) and CPU to translate the
+//! mesh and push it whole to every stream; then, for one EndpointSlice change
+//! written to the directory, the time from the write to each stream's ACK (p50,
+//! p99, last) and the bytes each stream was sent for it (the local-mode poll,
+//! `--poll`, and the debounce are part of that time and printed with it); then a
+//! restart: the control plane killed and started again, and the time from the
+//! start until every stream has reconnected and ACKed its full view.
 //!
 //! `cargo bench -p trellis-control-plane --bench convergence`
+//! (`BENCH_PROXIES=5000 cargo bench ...` for the growth per proxy)
 
 use std::{
     fmt::Write as _,
@@ -21,7 +25,6 @@ use trellis_proto::v1::{discovery_client::DiscoveryClient, DiscoveryRequest, Nod
 
 const SERVICES: usize = 1_000;
 const ENDPOINTS_PER_SERVICE: usize = 10;
-const PROXIES: usize = 1_000;
 const STREAMS_PER_CONNECTION: usize = 100;
 const POLL: &str = "50ms";
 const DEBOUNCE: &str = "20ms";
@@ -84,15 +87,34 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// `field` of `/proc/<pid>/status` (VmRSS, VmHWM), in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| {
+            l.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with(':'))
+        })
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
+}
+
+/// The control plane's `trellis_cp_translation_seconds` sum, from its admin port.
+fn translation_seconds() -> f64 {
+    use std::io::{Read, Write};
+    let mut admin = std::net::TcpStream::connect("127.0.0.1:25014").unwrap();
+    admin
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    admin.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("trellis_cp_translation_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// What the simulated proxies saw: per version, when each stream ACKed it and the
@@ -111,8 +133,94 @@ impl Drop for Guard {
     }
 }
 
+/// Starts the control plane on `dir`.
+fn control_plane(dir: &std::path::Path) -> Guard {
+    Guard(
+        Command::new(env!("CARGO_BIN_EXE_trellis-control-plane"))
+            .args(["--local", dir.to_str().unwrap()])
+            .args(["--grpc-addr", "127.0.0.1:25010"])
+            .args(["--admin-addr", "127.0.0.1:25014"])
+            .args(["--poll", POLL, "--debounce", DEBOUNCE])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start trellis-control-plane"),
+    )
+}
+
+/// One simulated proxy: opens its stream, ACKs every version (recording it in
+/// `seen`), and opens it again when it breaks, 20 ms later.
+async fn proxy(i: usize, channel: tonic::transport::Channel, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let (tx, rx) = mpsc::channel(4);
+        let hello = DiscoveryRequest {
+            node: Some(Node {
+                namespace: "bench".into(),
+                pod: format!("proxy-{i}"),
+                pod_ip: format!("198.18.{}.{}", 200 + i / 250, 1 + i % 250),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        tx.send(hello).await.unwrap();
+        let opened = DiscoveryClient::new(channel.clone())
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        if let Ok(stream) = opened {
+            let mut stream = stream.into_inner();
+            // A version comes in parts; the proxy answers the last one.
+            let mut bytes = 0;
+            while let Ok(Some(part)) = stream.message().await {
+                bytes += part.resources.iter().map(|r| r.json.len()).sum::<usize>();
+                if part.more {
+                    continue;
+                }
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version: part.version.clone(),
+                        nonce: part.nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                seen.lock()
+                    .unwrap()
+                    .acks
+                    .push((part.version, Instant::now(), bytes));
+                bytes = 0;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until all `proxies` streams have ACKed `version`.
+async fn wait_for(seen: &Mutex<Seen>, version: &str, proxies: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let count = seen
+            .lock()
+            .unwrap()
+            .acks
+            .iter()
+            .filter(|a| a.0 == version)
+            .count();
+        if count >= proxies {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {count} of {proxies} ACKed version {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let proxies: usize = std::env::var("BENCH_PROXIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
     let dir = std::env::temp_dir().join(format!("trellis-cp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mesh.yaml"), mesh_file()).unwrap();
@@ -124,31 +232,11 @@ async fn main() {
     std::fs::write(dir.join("slices.yaml"), &slices).unwrap();
 
     let start = Instant::now();
-    let cp = Guard(
-        Command::new(env!("CARGO_BIN_EXE_trellis-control-plane"))
-            .args([
-                "--local",
-                dir.to_str().unwrap(),
-                "--grpc-addr",
-                "127.0.0.1:25010",
-            ])
-            .args([
-                "--admin-addr",
-                "127.0.0.1:25014",
-                "--poll",
-                POLL,
-                "--debounce",
-                DEBOUNCE,
-            ])
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start trellis-control-plane"),
-    );
+    let cp = control_plane(&dir);
     let pid = cp.0.id();
     // Connect once the port is up.
     let mut channels = Vec::new();
-    while channels.len() < PROXIES / STREAMS_PER_CONNECTION {
+    while channels.len() < proxies.div_ceil(STREAMS_PER_CONNECTION) {
         match tonic::transport::Endpoint::from_static("http://127.0.0.1:25010")
             .connect()
             .await
@@ -158,80 +246,30 @@ async fn main() {
         }
     }
     let seen = Arc::new(Mutex::new(Seen::default()));
-    for i in 0..PROXIES {
+    for i in 0..proxies {
         let channel = channels[i / STREAMS_PER_CONNECTION].clone();
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            let (tx, rx) = mpsc::channel(4);
-            tx.send(DiscoveryRequest {
-                node: Some(Node {
-                    namespace: "bench".into(),
-                    pod: format!("proxy-{i}"),
-                    pod_ip: format!("198.18.{}.{}", 200 + i / 250, 1 + i % 250),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            let mut stream = DiscoveryClient::new(channel)
-                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .unwrap()
-                .into_inner();
-            while let Ok(Some(response)) = stream.message().await {
-                let bytes = response.resources.iter().map(|r| r.json.len()).sum();
-                let _ = tx
-                    .send(DiscoveryRequest {
-                        version: response.version.clone(),
-                        nonce: response.nonce.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                seen.lock()
-                    .unwrap()
-                    .acks
-                    .push((response.version, Instant::now(), bytes));
-            }
-        });
+        tokio::spawn(proxy(i, channel, seen.clone()));
     }
-    let wait_for = |version: &'static str| {
-        let seen = seen.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                let count = seen
-                    .lock()
-                    .unwrap()
-                    .acks
-                    .iter()
-                    .filter(|a| a.0 == version)
-                    .count();
-                if count == PROXIES {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "only {count} of {PROXIES} ACKed version {version}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_for("1").await;
+    wait_for(&seen, "1", proxies).await;
     let first_push = start.elapsed();
     let full_bytes = seen.lock().unwrap().acks[0].2;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss, cpu) = (rss_mib(pid), cpu_seconds(pid));
+    let (rss, peak, cpu) = (
+        status_mib(pid, "VmRSS"),
+        status_mib(pid, "VmHWM"),
+        cpu_seconds(pid),
+    );
 
     // One EndpointSlice gains an endpoint.
     let changed = slices.replacen(&endpoint_slice(7, false), &endpoint_slice(7, true), 1);
     let tmp = dir.join(".slices.tmp");
     std::fs::write(&tmp, &changed).unwrap();
+    let translated = translation_seconds();
     let t0 = Instant::now();
     std::fs::rename(&tmp, dir.join("slices.yaml")).unwrap();
-    wait_for("2").await;
+    wait_for(&seen, "2", proxies).await;
     let cpu_change = cpu_seconds(pid) - cpu;
+    let translation = translation_seconds() - translated;
     let mut times: Vec<Duration> = seen
         .lock()
         .unwrap()
@@ -250,8 +288,17 @@ async fn main() {
         .map(|a| a.2)
         .unwrap_or(0);
 
+    // A restart: every stream breaks, reconnects and is sent its full view again.
+    drop(cp);
+    seen.lock().unwrap().acks.clear();
+    let restarted_at = Instant::now();
+    let cp = control_plane(&dir);
+    wait_for(&seen, "1", proxies).await;
+    let restart = restarted_at.elapsed();
+    let restart_peak = status_mib(cp.0.id(), "VmHWM");
+
     println!(
-        "mesh: {SERVICES} services, {} endpoints, {SERVICES} routes; {PROXIES} proxy streams over {} HTTP/2 connections",
+        "mesh: {SERVICES} services, {} endpoints, {SERVICES} routes; {proxies} proxy streams over {} HTTP/2 connections",
         SERVICES * ENDPOINTS_PER_SERVICE,
         channels.len()
     );
@@ -265,7 +312,8 @@ async fn main() {
         "| full view per stream | {:.0} KiB |",
         full_bytes as f64 / 1024.0
     );
-    println!("| control plane RSS with {PROXIES} streams | {rss:.1} MiB |");
+    println!("| control plane RSS with {proxies} streams | {rss:.1} MiB |");
+    println!("| control plane peak RSS (VmHWM) | {peak:.1} MiB |");
     println!("| control plane CPU to translate and push the full view to all | {cpu:.2} s |");
     println!("| one EndpointSlice change: bytes sent per stream | {delta_bytes} |");
     println!(
@@ -284,6 +332,15 @@ async fn main() {
         "| one EndpointSlice change: control plane CPU | {:.3} s |",
         cpu_change
     );
+    println!(
+        "| one EndpointSlice change: translation and views | {:.1} ms |",
+        translation * 1000.0
+    );
+    println!(
+        "| restart: start to every stream reconnected and ACKing its full view | {:.2} s |",
+        restart.as_secs_f64()
+    );
+    println!("| restart: control plane peak RSS | {restart_peak:.1} MiB |");
     println!("(the write-to-ACK times include the directory poll, up to {POLL}, and the debounce, {DEBOUNCE})");
     drop(cp);
     let _ = std::fs::remove_dir_all(&dir);

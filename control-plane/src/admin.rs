@@ -194,6 +194,7 @@ mod tests {
             "trellis_cp_nacks_total",
             "trellis_cp_push_bytes",
             "trellis_cp_pushes_total",
+            "trellis_cp_translation_seconds",
             "trellis_cp_translations_total",
         ]
         .map(str::to_owned)

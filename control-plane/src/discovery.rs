@@ -4,6 +4,12 @@
 //! is answered with an ACK or a NACK, which the per-proxy status records; a proxy
 //! is forgotten when its stream ends.
 //!
+//! A full push is the whole view encoded for one stream, held until the proxy has
+//! read it; when many proxies connect at once (a control-plane restart), at most
+//! [`FULL_PUSHES`] are in flight and the rest wait their turn, so memory holds a
+//! bounded number of them. A push's turn ends when the proxy answers it (or after
+//! [`FULL_PUSH_TURN`], for one that never does).
+//!
 //! Convergence (`trellis_cp_convergence_seconds`) is timed from when a change was
 //! received (the start of the hub's debounce) to a proxy's ACK of the version
 //! carrying it. A proxy's first push on connect carries no change of its own (the
@@ -22,8 +28,8 @@ use std::{
     },
     time::SystemTime,
 };
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Duration, Instant};
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use trellis_proto::model::config::Workload;
@@ -85,12 +91,12 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         "trellis_cp_pushes_total",
         Unit::Count,
-        "Discovery responses sent to proxies."
+        "Versions sent to proxies (each in one or more parts)."
     );
     metrics::describe_histogram!(
         "trellis_cp_push_bytes",
         Unit::Bytes,
-        "Resource bytes per discovery response."
+        "Resource bytes per version sent to a proxy."
     );
     metrics::describe_counter!(
         "trellis_cp_nacks_total",
@@ -110,9 +116,17 @@ pub fn describe_metrics() {
     );
 }
 
+/// Full pushes in flight at once: enough to keep a fast network busy, few enough
+/// that 1 000 proxies reconnecting together do not hold 1 000 encoded views.
+pub const FULL_PUSHES: usize = 32;
+
+/// How long a full push keeps its turn when the proxy does not answer it.
+pub const FULL_PUSH_TURN: Duration = Duration::from_secs(10);
+
 pub struct DiscoveryService {
     hub: Hub,
     proxies: Proxies,
+    full_pushes: Arc<Semaphore>,
     next_id: AtomicU64,
     /// With a CA: a stream must present a mesh certificate, and gets only the
     /// view of a pod of the workload it proves.
@@ -138,6 +152,7 @@ impl DiscoveryService {
         DiscoveryService {
             hub,
             proxies,
+            full_pushes: Arc::new(Semaphore::new(FULL_PUSHES)),
             next_id: AtomicU64::new(1),
             authenticate: false,
         }
@@ -210,12 +225,15 @@ impl DiscoveryService {
         tracing::info!(namespace = %node.namespace, pod = %node.pod, "proxy connected");
         let (out, responses) = mpsc::channel(4);
         tokio::spawn(serve(
-            id,
-            node,
+            ProxyStream {
+                id,
+                node,
+                out,
+                hub: self.hub.clone(),
+                proxies: self.proxies.clone(),
+                full_pushes: self.full_pushes.clone(),
+            },
             incoming,
-            out,
-            self.hub.clone(),
-            self.proxies.clone(),
         ));
         Ok(ReceiverStream::new(responses))
     }
@@ -277,41 +295,102 @@ impl Discovery for DiscoveryService {
 /// or None for the first push of a stream (which carries no change of its own).
 type InFlight = HashMap<String, Option<Instant>>;
 
-/// Runs one proxy's stream until it ends, then forgets the proxy.
-async fn serve(
+/// One proxy's stream, as [`serve`] runs it.
+struct ProxyStream {
     id: u64,
     node: Node,
-    incoming: impl Stream<Item = Result<DiscoveryRequest, Status>>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     hub: Hub,
     proxies: Proxies,
+    full_pushes: Arc<Semaphore>,
+}
+
+/// A full push's turn: held until the proxy answers `nonce`, or `until`.
+struct Turn {
+    nonce: String,
+    until: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Runs one proxy's stream until it ends, then forgets the proxy.
+async fn serve(
+    stream: ProxyStream,
+    incoming: impl Stream<Item = Result<DiscoveryRequest, Status>>,
 ) {
+    let ProxyStream {
+        id,
+        node,
+        out,
+        hub,
+        proxies,
+        full_pushes,
+    } = stream;
     let mut incoming = std::pin::pin!(incoming);
     let mut snapshots = hub.snapshots();
     let mut sent: Option<View> = None;
     let mut in_flight = InFlight::new();
     let mut nonce = 0u64;
+    let mut turn: Option<Turn> = None;
+    // Wait for a turn at the full push (or for the proxy to go away).
+    let mut permit = tokio::select! {
+        permit = full_pushes.acquire_owned() => permit.ok(),
+        () = out.closed() => None,
+    };
     loop {
         let current = snapshots.borrow_and_update().clone();
         if let Some(snapshot) = current {
-            if let Some(response) = next_response(&snapshot, &node, &mut sent, &mut nonce) {
-                let size: usize = response.resources.iter().map(|r| r.json.len()).sum();
+            let parts = next_response(&snapshot, &node, &mut sent, &mut nonce);
+            if let Some(last) = parts.last() {
+                let size: usize = parts
+                    .iter()
+                    .flat_map(|p| &p.resources)
+                    .map(|r| r.json.len())
+                    .sum();
                 metrics::counter!("trellis_cp_pushes_total").increment(1);
                 metrics::histogram!("trellis_cp_push_bytes").record(size as f64);
-                let change = (!response.full).then_some(snapshot.changed_at);
-                in_flight.insert(response.nonce.clone(), change);
-                proxies.update(id, |s| s.sent_version = response.version.clone());
-                if out.send(Ok(response)).await.is_err() {
-                    break;
+                let change = (!parts[0].full).then_some(snapshot.changed_at);
+                in_flight.insert(last.nonce.clone(), change);
+                if let Some(permit) = permit.take() {
+                    turn = Some(Turn {
+                        nonce: last.nonce.clone(),
+                        until: Instant::now() + FULL_PUSH_TURN,
+                        _permit: permit,
+                    });
                 }
+                proxies.update(id, |s| s.sent_version = last.version.clone());
+            }
+            // A proxy that stops reading mid-push still gives its turn up in time.
+            let send = async {
+                for part in parts {
+                    out.send(Ok(part)).await?;
+                }
+                Ok::<_, mpsc::error::SendError<_>>(())
+            };
+            let mut send = std::pin::pin!(send);
+            let sent = loop {
+                let turn_ends = turn.as_ref().map(|t| t.until);
+                tokio::select! {
+                    sent = &mut send => break sent,
+                    () = sleep_until(turn_ends), if turn_ends.is_some() => turn = None,
+                }
+            };
+            if sent.is_err() {
+                break;
             }
         }
+        let turn_ends = turn.as_ref().map(|t| t.until);
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { break },
             message = incoming.next() => match message {
-                Some(Ok(answer)) => record_answer(id, &node, answer, &mut in_flight, &proxies),
+                Some(Ok(answer)) => {
+                    if turn.as_ref().is_some_and(|t| t.nonce == answer.nonce) {
+                        turn = None;
+                    }
+                    record_answer(id, &node, answer, &mut in_flight, &proxies)
+                }
                 None | Some(Err(_)) => break,
             },
+            () = sleep_until(turn_ends), if turn_ends.is_some() => turn = None,
         }
     }
     proxies.forget(id);
@@ -319,41 +398,65 @@ async fn serve(
     tracing::info!(namespace = %node.namespace, pod = %node.pod, "proxy disconnected");
 }
 
-/// The response that brings this proxy from what it was sent to `snapshot`, or
-/// `None` when its view did not change.
+/// Sleeps until `at`; forever when there is none.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resource bytes per part of a response (see `more` in the discovery API): a
+/// part holds resources until it passes this, and at least one.
+pub const PART_BYTES: usize = 16 * 1024;
+
+/// The parts of the response that brings this proxy from what it was sent to
+/// `snapshot`, or none when its view did not change. Every part but the last
+/// has `more`; the first carries `full`.
 fn next_response(
     snapshot: &Snapshot,
     node: &Node,
     sent: &mut Option<View>,
     nonce: &mut u64,
-) -> Option<DiscoveryResponse> {
+) -> Vec<DiscoveryResponse> {
     let view = snapshot.view(&node.namespace, &node.pod, &node.pod_ip);
     let (full, resources, removed) = match sent.as_ref() {
         None => (true, view.iter().collect::<Vec<_>>(), Vec::new()),
         Some(before) => {
             let (changed, removed) = view.diff(before);
             if changed.is_empty() && removed.is_empty() {
-                return None;
+                return Vec::new();
             }
             (false, changed, removed)
         }
     };
-    *nonce += 1;
-    let response = DiscoveryResponse {
-        version: snapshot.version.to_string(),
-        nonce: nonce.to_string(),
+    let mut parts = vec![DiscoveryResponse {
         full,
-        resources: resources
-            .into_iter()
-            .map(|(name, json)| Resource {
-                name: name.clone(),
-                json: json.to_vec(),
-            })
-            .collect(),
         removed,
-    };
+        ..Default::default()
+    }];
+    let mut size = 0;
+    for (name, json) in resources {
+        if size >= PART_BYTES {
+            parts.push(DiscoveryResponse::default());
+            size = 0;
+        }
+        size += json.len();
+        let part = parts.last_mut().expect("one part at least");
+        part.resources.push(Resource {
+            name: name.clone(),
+            json: json.clone(),
+        });
+    }
+    let last = parts.len() - 1;
+    for (i, part) in parts.iter_mut().enumerate() {
+        *nonce += 1;
+        part.nonce = nonce.to_string();
+        part.version = snapshot.version.to_string();
+        part.more = i < last;
+    }
     *sent = Some(view);
-    Some(response)
+    parts
 }
 
 /// Records a proxy's answer to the response it names: an ACK (and, for a change,
@@ -414,6 +517,8 @@ pub(crate) mod testing {
     pub(crate) struct TestProxy {
         answers: Option<mpsc::Sender<Result<DiscoveryRequest, Status>>>,
         responses: ReceiverStream<Result<DiscoveryResponse, Status>>,
+        /// A response [`TestProxy::has_response`] took off the stream.
+        early: Option<DiscoveryResponse>,
     }
 
     impl TestProxy {
@@ -433,10 +538,26 @@ pub(crate) mod testing {
             TestProxy {
                 answers: Some(answers),
                 responses,
+                early: None,
+            }
+        }
+
+        /// Whether a response is waiting, without waiting for one.
+        pub(crate) fn has_response(&mut self) -> bool {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match std::pin::Pin::new(&mut self.responses).poll_next(&mut cx) {
+                std::task::Poll::Ready(Some(Ok(response))) => {
+                    self.early = Some(response);
+                    true
+                }
+                _ => false,
             }
         }
 
         pub(crate) async fn next(&mut self) -> DiscoveryResponse {
+            if let Some(response) = self.early.take() {
+                return response;
+            }
             self.responses
                 .next()
                 .await
@@ -468,6 +589,12 @@ pub(crate) mod testing {
         }
     }
 
+    /// `count` services, `service-0` onwards, in namespace `shop`.
+    pub(crate) fn numbered_services(count: usize) -> crate::translate::Objects {
+        let names: Vec<String> = (0..count).map(|i| format!("service-{i}")).collect();
+        services(&names.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
     /// Services `a`, `b`, ... in namespace `shop`.
     pub(crate) fn services(names: &[&str]) -> crate::translate::Objects {
         let yaml: Vec<String> = names
@@ -493,7 +620,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{services, settle, TestProxy};
+    use super::testing::{numbered_services, services, settle, TestProxy};
     use super::*;
     use std::time::Duration;
 
@@ -580,5 +707,103 @@ mod tests {
         assert_eq!(convergence().1, 1.0);
         let status = &proxies.list()[0];
         assert!(status.last_nack.as_deref().unwrap().contains("not today"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_pushes_take_turns_so_a_crowd_of_proxies_holds_a_bounded_number() {
+        let hub = Hub::start(Duration::from_millis(100), Duration::from_secs(1));
+        hub.update(services(&["a", "b"]));
+        let proxies = Proxies::default();
+        let service = testing::service(&hub, &proxies);
+        let mut crowd: Vec<TestProxy> = (0..FULL_PUSHES)
+            .map(|i| TestProxy::connect(&service, "shop", &format!("p{i}")))
+            .collect();
+        let mut next = TestProxy::connect(&service, "shop", "next");
+        let mut firsts = Vec::new();
+        for proxy in &mut crowd {
+            let first = proxy.next().await;
+            assert!(first.full);
+            firsts.push(first);
+        }
+        settle().await;
+        assert!(!next.has_response(), "every turn is taken");
+
+        // One proxy answering hands its turn on.
+        crowd[0].answer(&firsts[0], None).await;
+        let first = next.next().await;
+        assert!(first.full);
+        assert_eq!(first.resources.len(), 2);
+
+        // Proxies that never answer hold their turns only so long.
+        let mut late = TestProxy::connect(&service, "shop", "late");
+        settle().await;
+        assert!(!late.has_response());
+        tokio::time::sleep(FULL_PUSH_TURN).await;
+        assert!(late.next().await.full);
+
+        // A turn is only for the first push: changes reach every proxy at once.
+        hub.update(services(&["a", "b", "c"]));
+        for proxy in crowd.iter_mut().chain([&mut next, &mut late]) {
+            let change = proxy.next().await;
+            assert!(!change.full);
+            assert_eq!(change.resources.len(), 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_view_goes_in_parts_and_the_last_ones_answer_acks_it() {
+        let hub = Hub::start(Duration::from_millis(100), Duration::from_secs(1));
+        hub.update(numbered_services(1000));
+        let proxies = Proxies::default();
+        let service = testing::service(&hub, &proxies);
+        let mut proxy = TestProxy::connect(&service, "shop", "p");
+        let mut parts = vec![proxy.next().await];
+        while parts.last().unwrap().more {
+            parts.push(proxy.next().await);
+        }
+        assert!(parts.len() > 2, "{} parts", parts.len());
+        assert!(parts[0].full && parts[1..].iter().all(|p| !p.full));
+        let mut nonces: Vec<&str> = parts.iter().map(|p| p.nonce.as_str()).collect();
+        nonces.dedup();
+        assert_eq!(nonces.len(), parts.len(), "every part has its own nonce");
+        for part in &parts {
+            assert_eq!(part.version, parts[0].version);
+            let size: usize = part.resources.iter().map(|r| r.json.len()).sum();
+            let last = part.resources.last().map_or(0, |r| r.json.len());
+            assert!(
+                size - last < PART_BYTES,
+                "a part stops once it passes the size"
+            );
+        }
+        let sent: usize = parts.iter().map(|p| p.resources.len()).sum();
+        assert_eq!(sent, 1000);
+
+        // Answering a part before the last is not an ACK; answering the last is.
+        proxy.answer(&parts[0], None).await;
+        settle().await;
+        assert_eq!(proxies.list()[0].acked_version, "");
+        proxy.answer(parts.last().unwrap(), None).await;
+        settle().await;
+        assert_eq!(proxies.list()[0].acked_version, parts[0].version);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_that_stops_reading_mid_push_gives_its_turn_up() {
+        let hub = Hub::start(Duration::from_millis(100), Duration::from_secs(1));
+        hub.update(numbered_services(2000));
+        let proxies = Proxies::default();
+        let service = testing::service(&hub, &proxies);
+        // Every turn taken by a proxy that reads nothing: its push (more parts than
+        // its stream buffers) stalls.
+        let _stalled: Vec<TestProxy> = (0..FULL_PUSHES)
+            .map(|i| TestProxy::connect(&service, "shop", &format!("p{i}")))
+            .collect();
+        let mut next = TestProxy::connect(&service, "shop", "next");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!next.has_response(), "every turn is taken");
+        let first = tokio::time::timeout(FULL_PUSH_TURN * 2, next.next())
+            .await
+            .expect("a turn came free");
+        assert!(first.full);
     }
 }

@@ -96,9 +96,10 @@ fn response(resources: &BTreeMap<String, Vec<u8>>, changed: &str, n: usize) -> D
         full: false,
         resources: vec![Resource {
             name: changed.to_owned(),
-            json: resources[changed].clone(),
+            json: resources[changed].clone().into(),
         }],
         removed: Vec::new(),
+        more: false,
     }
 }
 
@@ -264,9 +265,13 @@ fn main() {
                 full: true,
                 resources: to_resources(&base)
                     .into_iter()
-                    .map(|(name, json)| Resource { name, json })
+                    .map(|(name, json)| Resource {
+                        name,
+                        json: json.into(),
+                    })
                     .collect(),
                 removed: Vec::new(),
+                more: false,
             };
             assert!(versions.apply(&full, &table, &pool).nack.is_none());
             let mut times = Vec::with_capacity(CHANGES);

@@ -225,9 +225,14 @@ impl ControlPlane {
 
     /// `GET <path>` on the admin port, as JSON.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.admin_text(path).await).expect("admin JSON")
+    }
+
+    /// `GET <path>` on the admin port, as text.
+    pub async fn admin_text(&self, path: &str) -> String {
         let (status, _, body) = get(&self.pod, self.admin(), path).await.expect("admin");
         assert_eq!(status, 200, "{path}");
-        serde_json::from_slice(&body).expect("admin JSON")
+        String::from_utf8(body.to_vec()).expect("admin text")
     }
 }
 

@@ -195,6 +195,51 @@ async fn start(route: &str) -> CpMesh {
 }
 
 #[tokio::test]
+async fn a_mesh_sent_in_many_parts_reaches_the_sidecars_whole() {
+    // 600 more services, in a namespace that sorts first: the view goes in parts
+    // of about 16 KiB, with `shop`'s services in the last ones.
+    let mut filler = String::new();
+    for i in 0..600 {
+        filler += &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: filler-{i}, namespace: filler}}
+spec: {{clusterIP: 198.19.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: filler-{i}-1, namespace: filler, labels: {{kubernetes.io/service-name: filler-{i}}}}}
+addressType: IPv4
+endpoints: [{{addresses: [198.18.0.3]}}]
+ports: [{{name: http, port: 8080}}]
+---
+",
+            10 + i / 200,
+            1 + i % 200
+        );
+    }
+    let mut files = files(&canary(100, 0));
+    files.push(("filler.yaml", filler));
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let mesh = CpMesh::start(&refs).await;
+    let pushed = mesh.cp.admin_text("/metrics").await;
+    let bytes: f64 = pushed
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_cp_push_bytes_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        bytes > 2.0 * 3.0 * 16384.0,
+        "two views of 3 parts or more: {bytes}"
+    );
+    // A service from the first part and one from the last both route.
+    assert_eq!(mesh.call("198.19.10.1").await, (200, "v1".to_owned()));
+    assert_eq!(mesh.call("198.19.12.200").await, (200, "v1".to_owned()));
+    mesh.until("reviews routes", || mesh.all_from("198.19.0.10", "v1"))
+        .await;
+}
+
+#[tokio::test]
 async fn editing_an_httproute_file_moves_traffic() {
     let mesh = start(&canary(90, 10)).await;
     let counts = mesh.share("198.19.0.10", 400).await;

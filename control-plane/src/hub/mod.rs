@@ -18,7 +18,11 @@ pub use view::{Json, Resources, View, REACH_ANNOTATION};
 
 use crate::translate::{self, ObjectStatus, Objects, Translation};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -90,6 +94,11 @@ pub fn describe_metrics() {
         metrics::Unit::Count,
         "Snapshots translated: one per quiet burst of changes."
     );
+    metrics::describe_histogram!(
+        "trellis_cp_translation_seconds",
+        metrics::Unit::Seconds,
+        "Time to translate the objects into a snapshot and prepare its views."
+    );
 }
 
 /// Feeds object sets in; hands snapshots out.
@@ -120,6 +129,7 @@ impl Hub {
                         Ok(None) | Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 let (objects, translation) = last_accepted.translate(objects);
                 version += 1;
                 log_translation(version, &objects, &translation);
@@ -132,6 +142,8 @@ impl Hub {
                     first_seen,
                     previous.as_deref(),
                 );
+                metrics::histogram!("trellis_cp_translation_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 publish.send_replace(Some(Arc::new(snapshot)));
             }
         });
@@ -195,10 +207,10 @@ fn log_translation(version: u64, objects: &Objects, translation: &Translation) {
 /// The last version of each policy and route that translated cleanly.
 #[derive(Default)]
 struct LastAccepted {
-    traffic: HashMap<(String, String), crate::crd::TrafficPolicy>,
-    server: HashMap<(String, String), crate::crd::ServerPolicy>,
-    routes: HashMap<(String, String), gateway_api::apis::standard::httproutes::HttpRoute>,
-    grpc_routes: HashMap<(String, String), gateway_api::apis::standard::grpcroutes::GrpcRoute>,
+    traffic: HashMap<(String, String), Arc<crate::crd::TrafficPolicy>>,
+    server: HashMap<(String, String), Arc<crate::crd::ServerPolicy>>,
+    routes: HashMap<(String, String), Arc<gateway_api::apis::standard::httproutes::HttpRoute>>,
+    grpc_routes: HashMap<(String, String), Arc<gateway_api::apis::standard::grpcroutes::GrpcRoute>>,
 }
 
 fn key(meta: &ObjectMeta) -> (String, String) {
@@ -306,22 +318,20 @@ impl LastAccepted {
             }
         }
         // Deleted objects are forgotten, so deleting a policy restores defaults.
-        self.traffic.retain(|id, _| {
-            objects
-                .traffic_policies
-                .iter()
-                .any(|p| key(&p.metadata) == *id)
-        });
-        self.server.retain(|id, _| {
-            objects
-                .server_policies
-                .iter()
-                .any(|p| key(&p.metadata) == *id)
-        });
-        self.routes
-            .retain(|id, _| objects.http_routes.iter().any(|r| key(&r.metadata) == *id));
-        self.grpc_routes
-            .retain(|id, _| objects.grpc_routes.iter().any(|r| key(&r.metadata) == *id));
+        fn present<T>(
+            items: &[Arc<T>],
+            meta: impl Fn(&T) -> &ObjectMeta,
+        ) -> HashSet<(String, String)> {
+            items.iter().map(|item| key(meta(item))).collect()
+        }
+        let traffic = present(&objects.traffic_policies, |p| &p.metadata);
+        self.traffic.retain(|id, _| traffic.contains(id));
+        let server = present(&objects.server_policies, |p| &p.metadata);
+        self.server.retain(|id, _| server.contains(id));
+        let routes = present(&objects.http_routes, |r| &r.metadata);
+        self.routes.retain(|id, _| routes.contains(id));
+        let grpc_routes = present(&objects.grpc_routes, |r| &r.metadata);
+        self.grpc_routes.retain(|id, _| grpc_routes.contains(id));
         (objects, translation)
     }
 }

@@ -31,9 +31,10 @@ use std::sync::{Arc, Mutex};
 use trellis_proto::model::config as model;
 use trellis_proto::model::resources;
 
-/// One resource's JSON, shared (unchanged resources keep the same allocation from
-/// snapshot to snapshot, so comparing them is a pointer check).
-pub type Json = Arc<[u8]>;
+/// One resource's JSON, encoded once and shared by every stream that sends it
+/// (unchanged resources keep the same allocation from snapshot to snapshot, so
+/// comparing them is a pointer check).
+pub type Json = bytes::Bytes;
 
 /// Resources by name.
 pub type Resources = BTreeMap<String, Json>;
@@ -49,6 +50,16 @@ pub const REACH_ANNOTATION: &str = "trellis.dev/reach";
 pub struct View {
     pub mesh: Arc<Resources>,
     pub inbound: Resources,
+    /// How `mesh` differs from the previous snapshot's, worked out once for every
+    /// stream that was sent that one (not for a narrowed mesh).
+    pub mesh_change: Option<Arc<MeshChange>>,
+}
+
+/// What changed from one snapshot's whole mesh (`from`) to the next's.
+pub struct MeshChange {
+    from: Arc<Resources>,
+    changed: Vec<String>,
+    removed: Vec<String>,
 }
 
 impl View {
@@ -67,25 +78,48 @@ impl View {
     /// What changed from `before` to `self`: resources added or changed, and the
     /// names of those removed.
     pub fn diff<'a>(&'a self, before: &View) -> (Vec<(&'a String, &'a Json)>, Vec<String>) {
-        fn same(a: &Json, b: &Json) -> bool {
-            Arc::ptr_eq(a, b) || a[..] == b[..]
-        }
         let mut changed = Vec::new();
         let mut removed = Vec::new();
-        let mut compare = |now: &'a Resources, then: &Resources| {
-            for (name, json) in now {
-                if !then.get(name).is_some_and(|old| same(old, json)) {
-                    changed.push((name, json));
-                }
+        let known = self
+            .mesh_change
+            .as_deref()
+            .filter(|c| Arc::ptr_eq(&c.from, &before.mesh));
+        match known {
+            _ if Arc::ptr_eq(&self.mesh, &before.mesh) => {}
+            Some(change) => {
+                changed.extend(
+                    change
+                        .changed
+                        .iter()
+                        .filter_map(|n| self.mesh.get_key_value(n)),
+                );
+                removed.extend(change.removed.iter().cloned());
             }
-            removed.extend(then.keys().filter(|n| !now.contains_key(*n)).cloned());
-        };
-        if !Arc::ptr_eq(&self.mesh, &before.mesh) {
-            compare(&self.mesh, &before.mesh);
+            None => compare(&self.mesh, &before.mesh, &mut changed, &mut removed),
         }
-        compare(&self.inbound, &before.inbound);
+        compare(&self.inbound, &before.inbound, &mut changed, &mut removed);
         (changed, removed)
     }
+}
+
+/// Adds to `changed` what `now` has that `then` has not (or not the same), and to
+/// `removed` the names only `then` has.
+fn compare<'a>(
+    now: &'a Resources,
+    then: &Resources,
+    changed: &mut Vec<(&'a String, &'a Json)>,
+    removed: &mut Vec<String>,
+) {
+    for (name, json) in now {
+        if !then.get(name).is_some_and(|old| same(old, json)) {
+            changed.push((name, json));
+        }
+    }
+    removed.extend(then.keys().filter(|n| !now.contains_key(*n)).cloned());
+}
+
+fn same(a: &Json, b: &Json) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a[..] == b[..]
 }
 
 /// What every view of one snapshot is made from, computed once.
@@ -98,20 +132,26 @@ pub struct Views {
     reach: HashMap<(String, String), Option<Vec<String>>>,
     /// Narrowed meshes, computed once per distinct set of namespaces.
     narrowed: Mutex<HashMap<Vec<String>, Arc<Resources>>>,
+    /// How `mesh` differs from the previous snapshot's.
+    change: Option<Arc<MeshChange>>,
 }
 
 impl Views {
     /// The views of `translation`, whose objects had these `pods`; a resource
     /// that is the same as in `previous` keeps its allocation.
-    pub fn new(translation: Arc<Translation>, pods: &[Pod], previous: Option<&Views>) -> Views {
-        let mesh = resources::to_resources(&translation.mesh)
+    pub fn new(
+        translation: Arc<Translation>,
+        pods: &[Arc<Pod>],
+        previous: Option<&Views>,
+    ) -> Views {
+        let mesh: Resources = resources::to_resources(&translation.mesh)
             .into_iter()
             .map(|(name, json)| {
                 let kept = previous
                     .and_then(|p| p.mesh.get(&name))
                     .filter(|old| old[..] == json[..])
                     .cloned();
-                let json = kept.unwrap_or_else(|| Arc::from(json));
+                let json = kept.unwrap_or_else(|| Json::from(json));
                 (name, json)
             })
             .collect();
@@ -126,12 +166,31 @@ impl Views {
                 .entry((namespace.to_owned(), name))
                 .or_insert_with(|| reach_of(pod));
         }
+        let change = previous.map(|p| {
+            let changed = mesh
+                .iter()
+                .filter(|(name, json)| !p.mesh.get(*name).is_some_and(|old| same(old, json)))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let removed = p
+                .mesh
+                .keys()
+                .filter(|name| !mesh.contains_key(*name))
+                .cloned()
+                .collect();
+            Arc::new(MeshChange {
+                from: p.mesh.clone(),
+                changed,
+                removed,
+            })
+        });
         Views {
             inbound: InboundIndex::new(&translation.inbound),
             translation,
             mesh: Arc::new(mesh),
             reach,
             narrowed: Mutex::new(HashMap::new()),
+            change,
         }
     }
 
@@ -150,15 +209,19 @@ impl Views {
             .values()
             .filter_map(|port| {
                 let json = serde_json::to_vec(port).ok()?;
-                Some((resources::inbound_name(port), Arc::from(json)))
+                Some((resources::inbound_name(port), Json::from(json)))
             })
             .collect();
         let reach = self.reach.get(&(namespace.to_owned(), pod.to_owned()));
-        let mesh = match reach {
-            Some(Some(namespaces)) => self.narrowed_mesh(namespaces),
-            _ => self.mesh.clone(),
+        let (mesh, mesh_change) = match reach {
+            Some(Some(namespaces)) => (self.narrowed_mesh(namespaces), None),
+            _ => (self.mesh.clone(), self.change.clone()),
         };
-        View { mesh, inbound }
+        View {
+            mesh,
+            inbound,
+            mesh_change,
+        }
     }
 
     /// The mesh as a pod narrowed to `namespaces` sees it, shared by every pod with
@@ -238,7 +301,7 @@ mod tests {
     use trellis_proto::model::config::Config;
 
     fn json(text: &str) -> Json {
-        Arc::from(text.as_bytes())
+        Json::copy_from_slice(text.as_bytes())
     }
 
     /// The translation of `objects` and its views, as a snapshot makes them.
@@ -314,11 +377,13 @@ spec: {containers: [{name: app, image: app}]}
         let before = View {
             mesh: Arc::new(mesh.clone()),
             inbound: [("inbound/8080".to_owned(), json("{}"))].into(),
+            mesh_change: None,
         };
         // Same mesh object, same inbound: nothing to send.
         let same = View {
             mesh: before.mesh.clone(),
             inbound: before.inbound.clone(),
+            mesh_change: None,
         };
         let (changed, removed) = same.diff(&before);
         assert!(changed.is_empty() && removed.is_empty());
@@ -330,6 +395,7 @@ spec: {containers: [{name: app, image: app}]}
         let after = View {
             mesh: Arc::new(next),
             inbound: Resources::new(),
+            mesh_change: None,
         };
         let (changed, removed) = after.diff(&before);
         let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
@@ -350,7 +416,15 @@ spec: {containers: [{name: app, image: app}]}
         let names: Vec<&str> = changed.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["service/web/productpage/9080"]);
         assert!(removed.is_empty());
-        let kept = |name: &str| Arc::ptr_eq(&first.mesh[name], &second.mesh[name]);
+        // That diff was worked out once per snapshot, and says what comparing
+        // every resource says.
+        assert!(after.mesh_change.is_some());
+        let compared = View {
+            mesh_change: None,
+            ..after.clone()
+        };
+        assert_eq!(compared.diff(&before), (changed, removed));
+        let kept = |name: &str| first.mesh[name].as_ptr() == second.mesh[name].as_ptr();
         assert!(kept("service/shop/reviews/8080"));
         assert!(!kept("service/web/productpage/9080"));
     }

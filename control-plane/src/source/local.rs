@@ -16,7 +16,7 @@ use crate::{
 };
 use serde::de::DeserializeOwned;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -49,41 +49,84 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// What the directory looks like, to notice changes cheaply.
-fn fingerprint(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    files
-        .iter()
-        .map(|p| {
-            let meta = std::fs::metadata(p).ok();
-            (
-                p.clone(),
-                meta.as_ref().and_then(|m| m.modified().ok()),
-                meta.map(|m| m.len()).unwrap_or(0),
-            )
+/// A file's size and modification time, to notice changes cheaply.
+type Stamp = (Option<SystemTime>, u64);
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok();
+    (
+        meta.as_ref().and_then(|m| m.modified().ok()),
+        meta.map(|m| m.len()).unwrap_or(0),
+    )
+}
+
+fn parse_as<T: DeserializeOwned>(doc: serde_yaml_ng::Value) -> Result<Arc<T>, String> {
+    serde_path_to_error::deserialize(doc)
+        .map(Arc::new)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            format!("{path}: {}", e.into_inner())
         })
-        .collect()
 }
 
-fn parse_as<T: DeserializeOwned>(doc: serde_yaml_ng::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        format!("{path}: {}", e.into_inner())
-    })
+/// One parsed object of a kind Trellis reads.
+#[derive(Clone)]
+enum Object {
+    Service(Arc<k8s_openapi::api::core::v1::Service>),
+    EndpointSlice(Arc<k8s_openapi::api::discovery::v1::EndpointSlice>),
+    Pod(Arc<k8s_openapi::api::core::v1::Pod>),
+    HttpRoute(Arc<gateway_api::apis::standard::httproutes::HttpRoute>),
+    GrpcRoute(Arc<gateway_api::apis::standard::grpcroutes::GrpcRoute>),
+    TrafficPolicy(Arc<TrafficPolicy>),
+    ServerPolicy(Arc<ServerPolicy>),
 }
 
-/// Parses every document of one file; the error names the document and field.
-fn parse_file(path: &Path) -> Result<Objects, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    parse_text(&path.display().to_string(), &text)
+/// What one piece of a file (the text from one `---` line to the next) parsed
+/// to: how many YAML documents it holds and the objects among them, each with its
+/// (kind, namespace, name).
+#[derive(Clone, Default)]
+struct Piece {
+    documents: usize,
+    objects: Vec<((String, String, String), Object)>,
 }
 
-/// Parses every document of `text`, which came from `origin`; the error names
-/// the document and field.
-pub fn parse_text(origin: &str, text: &str) -> Result<Objects, String> {
-    let mut objects = Objects::default();
+/// A file's pieces as last parsed, by their text: an edit re-parses only the
+/// pieces it touched, so one EndpointSlice changing in a file of thousands costs
+/// one document's parse.
+type ParsedPieces = HashMap<String, Piece>;
+
+/// `text` cut at its document markers (`---` at the start of a line), each marker
+/// line starting the piece it opens, so every piece parses on its own as the
+/// documents it held in the whole text.
+fn pieces(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if marker && at > start {
+            pieces.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    if at > start {
+        pieces.push(&text[start..]);
+    }
+    pieces
+}
+
+/// Parses one piece whose first document is document number `first` (from 1) of
+/// its file; the error names the document and field.
+fn parse_piece(first: usize, text: &str) -> Result<Piece, String> {
+    let mut piece = Piece::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let number = first + index;
+        piece.documents += 1;
         let value = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(document)
-            .map_err(|e| format!("document {}: {e}", index + 1))?;
+            .map_err(|e| format!("document {number}: {e}"))?;
         if value.is_null() {
             continue;
         }
@@ -92,7 +135,7 @@ pub fn parse_text(origin: &str, text: &str) -> Result<Objects, String> {
             .and_then(|k| k.as_str())
             .unwrap_or("")
             .to_owned();
-        let at = |e: String| format!("document {} ({kind}): {e}", index + 1);
+        let at = |e: String| format!("document {number} ({kind}): {e}");
         let meta = |field: &str, default: &str| {
             value
                 .get("metadata")
@@ -101,26 +144,60 @@ pub fn parse_text(origin: &str, text: &str) -> Result<Objects, String> {
                 .unwrap_or(default)
                 .to_owned()
         };
-        objects.origins.insert(
-            (kind.clone(), meta("namespace", "default"), meta("name", "")),
-            origin.to_owned(),
-        );
-        match kind.as_str() {
-            "Service" => objects.services.push(parse_as(value).map_err(at)?),
-            "EndpointSlice" => objects.endpoint_slices.push(parse_as(value).map_err(at)?),
-            "Pod" => objects.pods.push(parse_as(value).map_err(at)?),
-            "HTTPRoute" => objects.http_routes.push(parse_as(value).map_err(at)?),
-            "GRPCRoute" => objects.grpc_routes.push(parse_as(value).map_err(at)?),
-            "TrafficPolicy" => objects
-                .traffic_policies
-                .push(parse_as::<TrafficPolicy>(value).map_err(at)?),
-            "ServerPolicy" => objects
-                .server_policies
-                .push(parse_as::<ServerPolicy>(value).map_err(at)?),
+        let id = (kind.clone(), meta("namespace", "default"), meta("name", ""));
+        let object = match kind.as_str() {
+            "Service" => Object::Service(parse_as(value).map_err(at)?),
+            "EndpointSlice" => Object::EndpointSlice(parse_as(value).map_err(at)?),
+            "Pod" => Object::Pod(parse_as(value).map_err(at)?),
+            "HTTPRoute" => Object::HttpRoute(parse_as(value).map_err(at)?),
+            "GRPCRoute" => Object::GrpcRoute(parse_as(value).map_err(at)?),
+            "TrafficPolicy" => Object::TrafficPolicy(parse_as(value).map_err(at)?),
+            "ServerPolicy" => Object::ServerPolicy(parse_as(value).map_err(at)?),
             other => return Err(at(format!("kind {other:?} is not one Trellis reads"))),
-        }
+        };
+        piece.objects.push((id, object));
     }
-    Ok(objects)
+    Ok(piece)
+}
+
+/// Parses every document of `text`, which came from `origin`, reusing the pieces
+/// of `before` whose text is unchanged; returns the objects and the pieces to
+/// reuse next time. The error names the document and field.
+fn parse_pieces(
+    origin: &str,
+    text: &str,
+    before: &ParsedPieces,
+) -> Result<(Objects, ParsedPieces), String> {
+    let mut objects = Objects::default();
+    let mut parsed = ParsedPieces::new();
+    let mut documents = 0;
+    for text in pieces(text) {
+        let piece = match parsed.get(text).or_else(|| before.get(text)) {
+            Some(piece) => piece.clone(),
+            None => parse_piece(documents + 1, text)?,
+        };
+        documents += piece.documents;
+        for (id, object) in &piece.objects {
+            objects.origins.insert(id.clone(), origin.to_owned());
+            match object.clone() {
+                Object::Service(o) => objects.services.push(o),
+                Object::EndpointSlice(o) => objects.endpoint_slices.push(o),
+                Object::Pod(o) => objects.pods.push(o),
+                Object::HttpRoute(o) => objects.http_routes.push(o),
+                Object::GrpcRoute(o) => objects.grpc_routes.push(o),
+                Object::TrafficPolicy(o) => objects.traffic_policies.push(o),
+                Object::ServerPolicy(o) => objects.server_policies.push(o),
+            }
+        }
+        parsed.insert(text.to_owned(), piece);
+    }
+    Ok((objects, parsed))
+}
+
+/// Parses every document of `text`, which came from `origin`; the error names
+/// the document and field.
+pub fn parse_text(origin: &str, text: &str) -> Result<Objects, String> {
+    parse_pieces(origin, text, &ParsedPieces::new()).map(|(objects, _)| objects)
 }
 
 fn merge(into: &mut Objects, from: &Objects) {
@@ -138,40 +215,74 @@ fn merge(into: &mut Objects, from: &Objects) {
         .extend(from.origins.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
 
+/// One file as last read: its stamp, and the objects and pieces of its last
+/// version that parsed.
+struct File {
+    stamp: Stamp,
+    objects: Objects,
+    pieces: ParsedPieces,
+}
+
 /// Watches `dir` (polling every `every`) and reports each changed state to `hub`.
+/// Only files whose size or modification time changed are read again.
 pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) {
-    // Each file's objects, as last parsed without error.
-    let mut last_good: BTreeMap<PathBuf, Objects> = BTreeMap::new();
-    let mut seen = None;
+    let mut files: BTreeMap<PathBuf, File> = BTreeMap::new();
+    let mut file_errors: BTreeMap<PathBuf, (Stamp, String)> = BTreeMap::new();
+    let mut first = true;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut files = Vec::new();
-        yaml_files(&dir, &mut files);
-        files.sort();
-        let now = fingerprint(&files);
-        if seen.as_ref() == Some(&now) {
-            continue;
-        }
-        seen = Some(now);
-        let mut file_errors = BTreeMap::new();
-        last_good.retain(|path, _| files.contains(path));
-        for path in &files {
-            match parse_file(path) {
-                Ok(objects) => {
-                    last_good.insert(path.clone(), objects);
+        let mut paths = Vec::new();
+        yaml_files(&dir, &mut paths);
+        let mut changed = first;
+        first = false;
+        let before = files.len() + file_errors.len();
+        files.retain(|path, _| paths.contains(path));
+        file_errors.retain(|path, _| paths.contains(path));
+        changed |= files.len() + file_errors.len() != before;
+        for path in &paths {
+            let now = stamp(path);
+            let known = files.get(path).map(|f| f.stamp);
+            let failed = file_errors.get(path).map(|e| e.0);
+            if known == Some(now) || failed == Some(now) {
+                continue;
+            }
+            changed = true;
+            let origin = path.display().to_string();
+            let none = ParsedPieces::new();
+            let reuse = files.get(path).map_or(&none, |f| &f.pieces);
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|text| parse_pieces(&origin, &text, reuse));
+            match parsed {
+                Ok((objects, pieces)) => {
+                    file_errors.remove(path);
+                    files.insert(
+                        path.clone(),
+                        File {
+                            stamp: now,
+                            objects,
+                            pieces,
+                        },
+                    );
                 }
                 Err(error) => {
-                    tracing::error!(file = %path.display(), %error, "file not applied; its last good version stays");
-                    file_errors.insert(path.display().to_string(), error);
+                    tracing::error!(file = %origin, %error, "file not applied; its last good version stays");
+                    file_errors.insert(path.clone(), (now, error));
                 }
             }
         }
-        *errors.0.lock().unwrap_or_else(|p| p.into_inner()) = file_errors;
+        if !changed {
+            continue;
+        }
+        *errors.0.lock().unwrap_or_else(|p| p.into_inner()) = file_errors
+            .iter()
+            .map(|(path, (_, error))| (path.display().to_string(), error.clone()))
+            .collect();
         let mut objects = Objects::default();
-        for file in last_good.values() {
-            merge(&mut objects, file);
+        for file in files.values() {
+            merge(&mut objects, &file.objects);
         }
         hub.update(objects);
     }
@@ -197,7 +308,7 @@ spec:
 ",
         )
         .unwrap();
-        let objects = parse_file(&path);
+        let objects = parse_text("grpc.yaml", &std::fs::read_to_string(&path).unwrap());
         std::fs::remove_file(&path).unwrap();
         let objects = objects.unwrap();
         assert_eq!(objects.grpc_routes.len(), 1);
@@ -207,5 +318,65 @@ spec:
             .as_ref()
             .unwrap();
         assert_eq!(method.service.as_deref(), Some("shop.v1.Reviews"));
+    }
+
+    const TWO_SERVICES: &str = "# the shop
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec: {ports: [{port: 80}]}
+--- {apiVersion: v1, kind: Service, metadata: {name: c, namespace: shop}, spec: {ports: [{port: 80}]}}
+";
+
+    #[test]
+    fn documents_are_cut_at_markers_and_numbered_as_in_the_whole_file() {
+        let cut = pieces(TWO_SERVICES);
+        assert_eq!(cut.len(), 3);
+        assert!(cut[1].starts_with("---\n") && cut[2].starts_with("--- {"));
+        assert_eq!(cut.concat(), TWO_SERVICES);
+        let objects = parse_text("shop.yaml", TWO_SERVICES).unwrap();
+        let names: Vec<_> = objects
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(
+            objects.origins[&("Service".into(), "shop".into(), "c".into())],
+            "shop.yaml"
+        );
+
+        // A bad third document is named as the third, as a whole-file parse would.
+        let bad = TWO_SERVICES.replace("ports: [{port: 80}]}}", "ports: [{port: eighty}]}}");
+        let error = parse_text("shop.yaml", &format!("---\n{bad}"))
+            .err()
+            .unwrap();
+        assert!(
+            error.starts_with("document 3 (Service): spec.ports[0].port"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_edit_parses_again_only_the_documents_it_touched() {
+        let (first, pieces) =
+            parse_pieces("shop.yaml", TWO_SERVICES, &ParsedPieces::new()).unwrap();
+        let edited = TWO_SERVICES.replace("name: b,", "name: b, labels: {x: y},");
+        let (second, _) = parse_pieces("shop.yaml", &edited, &pieces).unwrap();
+        let same = |i: usize| Arc::ptr_eq(&first.services[i], &second.services[i]);
+        assert!(
+            same(0) && same(2),
+            "unchanged documents are the same objects"
+        );
+        assert!(!same(1));
+        assert_eq!(
+            second.services[1].metadata.labels.as_ref().unwrap()["x"],
+            "y"
+        );
     }
 }

@@ -16,7 +16,11 @@ pub(crate) fn objects(yaml: &str) -> Objects {
             continue;
         }
         let kind = value["kind"].as_str().unwrap().to_owned();
-        use serde_yaml_ng::from_value as parse;
+        fn parse<T: serde::de::DeserializeOwned>(
+            value: serde_yaml_ng::Value,
+        ) -> serde_yaml_ng::Result<std::sync::Arc<T>> {
+            serde_yaml_ng::from_value(value).map(std::sync::Arc::new)
+        }
         match kind.as_str() {
             "Service" => objects.services.push(parse(value).unwrap()),
             "EndpointSlice" => objects.endpoint_slices.push(parse(value).unwrap()),

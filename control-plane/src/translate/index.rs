@@ -17,12 +17,13 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// `items` oldest first (creationTimestamp, then namespace/name, then the order
 /// given; objects without a creationTimestamp, as in local files, come first); a
 /// second object with the same namespace/name is reported and skipped.
 pub(super) fn oldest_first<'a, T>(
-    items: &'a [T],
+    items: &'a [Arc<T>],
     meta: impl Fn(&T) -> &ObjectMeta,
     kind: &'static str,
     statuses: &mut Vec<ObjectStatus>,
@@ -31,7 +32,7 @@ pub(super) fn oldest_first<'a, T>(
         .iter()
         .map(|item| {
             let meta = meta(item);
-            (meta.creation_timestamp.as_ref(), key_of(meta), item)
+            (meta.creation_timestamp.as_ref(), key_of(meta), &**item)
         })
         .collect();
     sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));

@@ -8,17 +8,21 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Everything the control plane knows, from Kubernetes or from local YAML files.
+/// Each object is shared: a source hands over its whole current set on every
+/// change, and an object that did not change is the same allocation as before
+/// (from the watch's store, or from the local file's unchanged document).
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
-    pub services: Vec<k8s_openapi::api::core::v1::Service>,
-    pub endpoint_slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
-    pub http_routes: Vec<gateway_api::apis::standard::httproutes::HttpRoute>,
-    pub grpc_routes: Vec<gateway_api::apis::standard::grpcroutes::GrpcRoute>,
-    pub traffic_policies: Vec<crate::crd::TrafficPolicy>,
-    pub server_policies: Vec<crate::crd::ServerPolicy>,
+    pub services: Vec<Arc<k8s_openapi::api::core::v1::Service>>,
+    pub endpoint_slices: Vec<Arc<k8s_openapi::api::discovery::v1::EndpointSlice>>,
+    pub pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
+    pub http_routes: Vec<Arc<gateway_api::apis::standard::httproutes::HttpRoute>>,
+    pub grpc_routes: Vec<Arc<gateway_api::apis::standard::grpcroutes::GrpcRoute>>,
+    pub traffic_policies: Vec<Arc<crate::crd::TrafficPolicy>>,
+    pub server_policies: Vec<Arc<crate::crd::ServerPolicy>>,
     /// Where each object came from, by (kind, namespace, name): in local mode its
     /// file, so a rejection can name the file as well as the field.
     pub origins: HashMap<(String, String, String), String>,

@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;
+use std::sync::Arc;
 use trellis_proto::model::config::{self as model, is_dns_label};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -65,7 +66,7 @@ pub(super) type Services<'a> = BTreeMap<Key, ServiceInfo<'a>>;
 /// gets a status in `statuses` instead.
 pub(super) fn services<'a>(
     services: Vec<(Key, &KubeService)>,
-    slices: &'a [EndpointSlice],
+    slices: &'a [Arc<EndpointSlice>],
     statuses: &mut Vec<ObjectStatus>,
 ) -> Services<'a> {
     let mut usable = BTreeMap::new();
@@ -187,7 +188,7 @@ pub(super) fn slice_port(slice: &EndpointSlice, port: &Port) -> Option<NonZeroU1
 pub(super) type PodAccounts<'a> = HashMap<(&'a str, &'a str), &'a str>;
 
 /// The service accounts of `pods` (Kubernetes' `default` when a pod names none).
-pub(super) fn pod_accounts(pods: &[Pod]) -> PodAccounts<'_> {
+pub(super) fn pod_accounts(pods: &[Arc<Pod>]) -> PodAccounts<'_> {
     pods.iter()
         .filter_map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");

@@ -101,7 +101,12 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(url = control_plane.url(), "connected to the control plane");
-    while let Some(response) = responses.message().await? {
+    // A version comes in parts (`more`); it is applied whole, once the last arrives.
+    let mut gathered = None;
+    while let Some(part) = responses.message().await? {
+        let Some(response) = gather(&mut gathered, part) else {
+            continue;
+        };
         state.responses += 1;
         let answer = state.apply(&response, table, pool);
         match &answer.nack {
@@ -119,6 +124,30 @@ async fn session(
         requests.send(answer).await?;
     }
     Ok(())
+}
+
+/// Adds `part` to the version being gathered; returns the whole version once its
+/// last part has come. Parts of one version arrive together, so a part of another
+/// version starts afresh.
+fn gather(
+    gathered: &mut Option<DiscoveryResponse>,
+    part: DiscoveryResponse,
+) -> Option<DiscoveryResponse> {
+    let whole = match gathered.take() {
+        Some(mut so_far) if so_far.version == part.version => {
+            so_far.resources.extend(part.resources);
+            so_far.removed.extend(part.removed);
+            so_far.nonce = part.nonce;
+            so_far.more = part.more;
+            so_far
+        }
+        _ => part,
+    };
+    if whole.more {
+        *gathered = Some(whole);
+        return None;
+    }
+    Some(whole)
 }
 
 impl Versions {
@@ -240,10 +269,39 @@ mod tests {
     use super::*;
     use trellis_proto::v1::Resource;
 
+    #[test]
+    fn a_version_in_parts_is_gathered_whole() {
+        let part =
+            |version: &str, nonce: &str, full: bool, name: &str, more: bool| DiscoveryResponse {
+                version: version.into(),
+                nonce: nonce.into(),
+                full,
+                resources: vec![resource(name, "{}")],
+                removed: vec![format!("gone-{nonce}")],
+                more,
+            };
+        let mut gathered = None;
+        assert!(gather(&mut gathered, part("7", "1", true, "a", true)).is_none());
+        assert!(gather(&mut gathered, part("7", "2", false, "b", true)).is_none());
+        let whole = gather(&mut gathered, part("7", "3", false, "c", false)).unwrap();
+        let names: Vec<&str> = whole.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(whole.removed, ["gone-1", "gone-2", "gone-3"]);
+        assert!(whole.full && !whole.more);
+        assert_eq!((whole.version.as_str(), whole.nonce.as_str()), ("7", "3"));
+
+        // A stream that broke off mid-version: the next version's parts start afresh.
+        assert!(gather(&mut gathered, part("8", "4", true, "a", true)).is_none());
+        let next = gather(&mut gathered, part("9", "1", true, "d", false)).unwrap();
+        assert_eq!(next.resources.len(), 1);
+        assert_eq!(next.version, "9");
+        assert!(gathered.is_none());
+    }
+
     fn resource(name: &str, json: &str) -> Resource {
         Resource {
             name: name.into(),
-            json: json.as_bytes().to_vec(),
+            json: json.as_bytes().to_vec().into(),
         }
     }
 
@@ -259,6 +317,7 @@ mod tests {
             full,
             resources,
             removed: removed.iter().map(|r| r.to_string()).collect(),
+            more: false,
         }
     }
 

@@ -123,12 +123,11 @@ where
     }
 
     /// The kind's current objects (none when it is not served).
-    fn objects(&self) -> Vec<K> {
+    fn objects(&self) -> Vec<Arc<K>> {
         match self.phase() {
             Phase::NotServed => Vec::new(),
             Phase::Pending | Phase::Listed => {
-                let mut objects: Vec<K> =
-                    self.store.state().iter().map(|o| (**o).clone()).collect();
+                let mut objects = self.store.state();
                 // A stable order, so the same state always translates the same way.
                 objects.sort_by(|a, b| {
                     (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any()))
