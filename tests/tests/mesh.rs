@@ -224,6 +224,49 @@ async fn opaque_tcp_echoes_through_both_sidecars() {
 }
 
 #[tokio::test]
+async fn a_large_opaque_transfer_arrives_whole_and_is_counted_both_ways() {
+    // Plain TCP on both sides of each sidecar: the bytes go by splice(2), in
+    // chunks of at most a pipe's 64 KiB, while the echo sends them back.
+    const SIZE: usize = 8 << 20;
+    let mesh = Mesh::start(&[], &[]).await;
+    let stream = mesh
+        .client_pod()
+        .connect(mesh.server_addr(ECHO))
+        .await
+        .unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let sent: Vec<u8> = (0..SIZE).map(pattern).collect();
+    let expected = sent.clone();
+    let writer = async move {
+        write.write_all(&sent).await?;
+        write.shutdown().await
+    };
+    let reader = async move {
+        let mut back = Vec::with_capacity(SIZE);
+        read.read_to_end(&mut back).await?;
+        std::io::Result::Ok(back)
+    };
+    let (written, back) = within(Duration::from_secs(60), "the echo of 8 MiB", async {
+        tokio::join!(writer, reader)
+    })
+    .await;
+    written.unwrap();
+    let back = back.unwrap();
+    assert_eq!(back.len(), SIZE, "the half-close came after every byte");
+    assert!(back == expected, "the bytes came back as sent");
+    for (sidecar, direction) in [(&mesh.client, "outbound"), (&mesh.server, "inbound")] {
+        let metrics = sidecar.metrics().await;
+        for flow in ["client_to_server", "server_to_client"] {
+            let bytes = metrics.sum(
+                "trellis_tcp_bytes_total",
+                &[("direction", direction), ("flow", flow)],
+            );
+            assert_eq!(bytes, SIZE as f64, "{direction} {flow}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn server_first_protocol_on_an_opaque_port_is_not_delayed() {
     // Detection would hold a silent client for an hour: the banner arrives at all
     // only because the opaque port skips it (the deadline is a hang guard).

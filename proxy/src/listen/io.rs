@@ -34,6 +34,23 @@ impl<I> ClientIo<I> {
             to_client,
         }
     }
+
+    /// The bytes detection read that were not yet read back, taken.
+    pub fn take_prefix(&mut self) -> Bytes {
+        std::mem::take(&mut self.prefix)
+    }
+
+    pub fn inner(&self) -> &I {
+        &self.inner
+    }
+
+    pub fn from_client(&self) -> &metrics::Counter {
+        &self.from_client
+    }
+
+    pub fn to_client(&self) -> &metrics::Counter {
+        &self.to_client
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for ClientIo<I> {

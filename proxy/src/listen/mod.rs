@@ -421,7 +421,7 @@ async fn opaque<C>(
     state: &Listener,
     drain: Drain,
 ) where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
     let direction = state.direction.label();
     let Some(dst) = original_dst else {
@@ -463,8 +463,14 @@ async fn opaque<C>(
     };
     let target = pick.as_ref().map_or(dst, |pick| pick.addr());
     let result = match state.http.pool.connect_opaque(target, peer.as_ref()).await {
-        Ok(Opaque::Plain(server)) => tcp::splice(&mut io, server).await,
-        Ok(Opaque::Mtls(server)) => tcp::splice(&mut io, server).await,
+        // Plain TCP on both sides (no TLS, no replayed ClientHello): splice(2).
+        Ok(Opaque::Plain(server)) => {
+            match (&mut io as &mut dyn std::any::Any).downcast_mut::<ClientIo<TcpStream>>() {
+                Some(client) => tcp::splice(client, server).await,
+                None => tcp::copy(&mut io, server).await,
+            }
+        }
+        Ok(Opaque::Mtls(server)) => tcp::copy(&mut io, server).await,
         Err(error) => {
             tracing::debug!(%error, direction, %target, "opaque connect failed; closing");
             if let Some(pick) = pick {

@@ -9,13 +9,19 @@
 //! when meshed.
 //!
 //! With the argument `allocations` (`benches/allocations`), it counts instead
-//! the heap allocations each sidecar makes per request.
+//! the heap allocations each sidecar makes per request. With `throughput`
+//! (`benches/run throughput`), it measures opaque TCP instead: bytes per second
+//! echoed through no, one and two sidecars, and each sidecar's CPU per GB.
 //!
 //! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_tests::{
     apps,
@@ -106,21 +112,26 @@ fn oha(pod: &Pod, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load
     }
 }
 
+/// A single-threaded runtime for the calling thread, which it pins to `cpu`.
+fn pinned_runtime(cpu: usize) -> tokio::runtime::Runtime {
+    // SAFETY: pinning this thread (pid 0 = caller).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The app, on its own thread pinned to CPU 0, until the process ends.
 fn start_app(pod: &Pod) {
     let pod = pod.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        // SAFETY: pinning this thread (pid 0 = caller).
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = pinned_runtime(0);
         runtime.block_on(async move {
             let _app = apps::http_app(pod.listen(8080), "bench");
             let _echo = apps::tcp_echo_app(pod.listen(7000));
@@ -136,16 +147,7 @@ fn start_app(pod: &Pod) {
 fn connections_per_second(pod: &Pod, target: SocketAddr, seconds: u64) -> f64 {
     let pod = pod.clone();
     std::thread::spawn(move || {
-        // SAFETY: pinning this thread (pid 0 = caller).
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(1, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = pinned_runtime(1);
         runtime.block_on(async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
             let loops = (0..16).map(|_| {
@@ -460,6 +462,79 @@ async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
     per_request
 }
 
+/// Opaque TCP through `setup`: `megabytes` written to the app's echo (port 7000)
+/// on 4 connections from the client pod (a thread pinned to CPU 1) and read back
+/// as it is written. Returns MB/s each way and each sidecar's CPU seconds per GB
+/// it forwarded (both directions counted).
+async fn throughput(setup: &Setup, megabytes: u64) -> (f64, Vec<f64>) {
+    const CONNECTIONS: u64 = 4;
+    let running = start(setup).await;
+    let target = SocketAddr::from((running.net.pod(1).ip, 7000));
+    let sidecars = &running.sidecars;
+    let cpu_before: Vec<f64> = sidecars.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let client = running.net.pod(0).clone();
+    let each = megabytes * 1_000_000 / CONNECTIONS;
+    let started = Instant::now();
+    let moved = std::thread::spawn(move || {
+        let runtime = pinned_runtime(1);
+        runtime.block_on(async move {
+            let loops = (0..CONNECTIONS).map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let stream = client.connect(target).await?;
+                    let (mut read, mut write) = stream.into_split();
+                    let writer = async move {
+                        let chunk = vec![0x5a_u8; 64 * 1024];
+                        let mut sent = 0;
+                        while sent < each {
+                            let n = chunk.len().min((each - sent) as usize);
+                            write.write_all(&chunk[..n]).await?;
+                            sent += n as u64;
+                        }
+                        write.shutdown().await
+                    };
+                    let reader = async move {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        let mut got = 0u64;
+                        while got < each {
+                            match read.read(&mut buffer).await? {
+                                0 => break,
+                                n => got += n as u64,
+                            }
+                        }
+                        std::io::Result::Ok(got)
+                    };
+                    let (_, got) = tokio::try_join!(writer, reader)?;
+                    std::io::Result::Ok(got)
+                })
+            });
+            let tasks: Vec<_> = loops.collect();
+            let all = async {
+                let mut total = 0;
+                for task in tasks {
+                    total += task.await.ok().and_then(Result::ok).unwrap_or(0);
+                }
+                total
+            };
+            // Bounded in time as well as in bytes.
+            tokio::time::timeout(Duration::from_secs(300), all)
+                .await
+                .unwrap_or(0)
+        })
+    })
+    .join()
+    .expect("throughput loop");
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(moved, each * CONNECTIONS, "every byte came back");
+    let gigabytes = 2.0 * moved as f64 / 1e9;
+    let cpu_per_gb = sidecars
+        .iter()
+        .zip(cpu_before)
+        .map(|(s, before)| (cpu_seconds(s.pid()) - before) / gigabytes)
+        .collect();
+    (moved as f64 / 1e6 / seconds, cpu_per_gb)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     trellis_tests::netns::clean_up_on_panic();
@@ -480,6 +555,18 @@ async fn main() {
                 list(&allocs, 1),
                 list(&bytes, 0)
             );
+        }
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("throughput") {
+        let megabytes = env_or("BENCH_MEGABYTES", 2000);
+        println!("Opaque TCP: {megabytes} MB echoed on 4 connections (written and read back at once); app and sidecars on CPU 0, the client on CPU 1\n");
+        println!("| setup | MB/s each way | CPU seconds per GB forwarded (each sidecar) |");
+        println!("|---|---|---|");
+        for setup in &setups()[..3] {
+            eprintln!("measuring {} ...", setup.name);
+            let (rate, cpu_per_gb) = throughput(setup, megabytes).await;
+            println!("| {} | {rate:.0} | {} |", setup.name, list(&cpu_per_gb, 3));
         }
         return;
     }
