@@ -579,16 +579,16 @@ async fn main() {
         "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
         proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
     );
-    let mut rows = Vec::new();
-    let setups = setups();
-    for setup in &setups {
-        eprintln!("measuring {} ...", setup.name);
-        rows.push(measure(setup, rate, seconds).await);
-    }
-    let direct = (rows[0].fixed.p50_ms, rows[0].fixed.p99_ms);
     println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for row in &rows {
+    // Each row as soon as it is measured; `direct` comes first, for the deltas.
+    let mut direct = (0.0, 0.0);
+    for setup in &setups() {
+        eprintln!("measuring {} ...", setup.name);
+        let row = measure(setup, rate, seconds).await;
+        if setup.sidecars_at.is_empty() {
+            direct = (row.fixed.p50_ms, row.fixed.p99_ms);
+        }
         println!(
             "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {} | {} | {} |",
             row.setup,
