@@ -15,7 +15,6 @@
 //! (`BENCH_PROXIES=5000 cargo bench ...` for the growth per proxy)
 
 use std::{
-    fmt::Write as _,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -23,55 +22,13 @@ use std::{
 use tokio::sync::mpsc;
 use trellis_proto::v1::{discovery_client::DiscoveryClient, DiscoveryRequest, Node};
 
-const SERVICES: usize = 1_000;
-const ENDPOINTS_PER_SERVICE: usize = 10;
+mod scale;
+
+use scale::{endpoint_slice, mesh_file, slices_file, ENDPOINTS_PER_SERVICE, SERVICES};
+
 const STREAMS_PER_CONNECTION: usize = 100;
 const POLL: &str = "50ms";
 const DEBOUNCE: &str = "20ms";
-
-fn endpoint_slice(i: usize, extra: bool) -> String {
-    let mut addresses = String::new();
-    let count = ENDPOINTS_PER_SERVICE + usize::from(extra);
-    for e in 0..count {
-        let _ = writeln!(addresses, "  - addresses: [198.18.{}.{}]", i % 250, 1 + e);
-    }
-    format!(
-        "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}
-addressType: IPv4
-endpoints:
-{addresses}ports: [{{name: http, port: 8080}}]
-"
-    )
-}
-
-fn mesh_file() -> String {
-    let mut text = String::new();
-    for i in 0..SERVICES {
-        let _ = write!(
-            text,
-            "apiVersion: v1
-kind: Service
-metadata: {{name: svc-{i}, namespace: bench}}
-spec: {{clusterIP: 198.19.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: svc-{i}, namespace: bench}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: svc-{i}, port: 80}}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
-      backendRefs: [{{name: svc-{i}, port: 80}}]
----
-",
-            i / 250,
-            1 + i % 250
-        );
-    }
-    text
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -224,11 +181,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("trellis-cp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mesh.yaml"), mesh_file()).unwrap();
-    let mut slices = String::new();
-    for i in 0..SERVICES {
-        slices += &endpoint_slice(i, false);
-        slices += "---\n";
-    }
+    let slices = slices_file();
     std::fs::write(dir.join("slices.yaml"), &slices).unwrap();
 
     let start = Instant::now();

@@ -204,9 +204,11 @@ fn log_translation(version: u64, objects: &Objects, translation: &Translation) {
     }
 }
 
-/// The last version of each policy and route that translated cleanly.
+/// The last version of each policy and route that translated cleanly, and the
+/// translator that remembers what it made of every object.
 #[derive(Default)]
 struct LastAccepted {
+    translator: translate::Translator,
     traffic: HashMap<(String, String), Arc<crate::crd::TrafficPolicy>>,
     server: HashMap<(String, String), Arc<crate::crd::ServerPolicy>>,
     routes: HashMap<(String, String), Arc<gateway_api::apis::standard::httproutes::HttpRoute>>,
@@ -225,7 +227,7 @@ impl LastAccepted {
     /// last accepted version (if any) and the set translated again. Statuses keep
     /// saying what is wrong with the new version.
     fn translate(&mut self, mut objects: Objects) -> (Objects, Translation) {
-        let first = translate::translate(&objects);
+        let first = self.translator.translate(&objects);
         let rejected: Vec<(&'static str, String, String)> = first
             .statuses
             .iter()
@@ -268,7 +270,7 @@ impl LastAccepted {
             }
         }
         let translation = if swapped {
-            let mut again = translate::translate(&objects);
+            let mut again = self.translator.translate(&objects);
             // Report the rejections of the new versions, not the old ones' acceptance.
             for status in &mut again.statuses {
                 let rejected_now = first.statuses.iter().find(|s| {

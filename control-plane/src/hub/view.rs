@@ -144,17 +144,42 @@ impl Views {
         pods: &[Arc<Pod>],
         previous: Option<&Views>,
     ) -> Views {
-        let mesh: Resources = resources::to_resources(&translation.mesh)
-            .into_iter()
-            .map(|(name, json)| {
-                let kept = previous
-                    .and_then(|p| p.mesh.get(&name))
-                    .filter(|old| old[..] == json[..])
-                    .cloned();
-                let json = kept.unwrap_or_else(|| Json::from(json));
-                (name, json)
+        // A service the same as in the previous snapshot keeps its JSON, which is
+        // then neither written again nor compared.
+        let before: HashMap<(&str, &str, u16), &model::Service> = previous
+            .map(|p| {
+                p.translation
+                    .mesh
+                    .services
+                    .iter()
+                    .map(|s| ((s.namespace.as_str(), s.name.as_str(), s.port.get()), s))
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
+        let mut mesh = Resources::new();
+        for service in &translation.mesh.services {
+            let name = resources::service_name(service);
+            let kept = previous
+                .filter(|_| {
+                    before
+                        .get(&(
+                            service.namespace.as_str(),
+                            service.name.as_str(),
+                            service.port.get(),
+                        ))
+                        .is_some_and(|old| *old == service)
+                })
+                .and_then(|p| p.mesh.get(&name).cloned());
+            let json = match kept {
+                Some(json) => json,
+                // Serialising plain data structures cannot fail.
+                None => match serde_json::to_vec(service) {
+                    Ok(json) => Json::from(json),
+                    Err(_) => continue,
+                },
+            };
+            mesh.insert(name, json);
+        }
         let mut reach = HashMap::new();
         for pod in pods {
             let Some(name) = pod.metadata.name.clone() else {
@@ -167,20 +192,12 @@ impl Views {
                 .or_insert_with(|| reach_of(pod));
         }
         let change = previous.map(|p| {
-            let changed = mesh
-                .iter()
-                .filter(|(name, json)| !p.mesh.get(*name).is_some_and(|old| same(old, json)))
-                .map(|(name, _)| name.clone())
-                .collect();
-            let removed = p
-                .mesh
-                .keys()
-                .filter(|name| !mesh.contains_key(*name))
-                .cloned()
-                .collect();
+            let mut changed = Vec::new();
+            let mut removed = Vec::new();
+            compare(&mesh, &p.mesh, &mut changed, &mut removed);
             Arc::new(MeshChange {
                 from: p.mesh.clone(),
-                changed,
+                changed: changed.into_iter().map(|(name, _)| name.clone()).collect(),
                 removed,
             })
         });

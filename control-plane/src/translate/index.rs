@@ -14,7 +14,9 @@ use super::objects::{key_of, Key, Objects, RouteKey, GRPC_ROUTE, HTTP_ROUTE, SER
 use super::problem::{invalid, status, ObjectStatus, Problem};
 use super::service::{self, Services};
 use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -27,12 +29,12 @@ pub(super) fn oldest_first<'a, T>(
     meta: impl Fn(&T) -> &ObjectMeta,
     kind: &'static str,
     statuses: &mut Vec<ObjectStatus>,
-) -> Vec<(Key, &'a T)> {
-    let mut sorted: Vec<(Option<&Time>, Key, &'a T)> = items
+) -> Vec<(Key, &'a Arc<T>)> {
+    let mut sorted: Vec<(Option<&Time>, Key, &'a Arc<T>)> = items
         .iter()
         .map(|item| {
             let meta = meta(item);
-            (meta.creation_timestamp.as_ref(), key_of(meta), &**item)
+            (meta.creation_timestamp.as_ref(), key_of(meta), item)
         })
         .collect();
     sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
@@ -66,10 +68,15 @@ pub(super) struct MeshRoute<'a> {
     pub(super) route: Cow<'a, HttpRoute>,
     /// What the conversion from a GRPCRoute found wrong.
     pub(super) problems: Vec<Problem>,
+    /// The object it was read from, by which a [`Translator`](super::Translator)
+    /// knows it again.
+    pub(super) object: Arc<dyn Any + Send + Sync>,
 }
 
 /// The usable Services and every HTTPRoute and GRPCRoute, oldest first.
 pub(super) struct Index<'a> {
+    /// Every Service object, usable or not, oldest first.
+    pub(super) service_objects: Vec<&'a Arc<KubeService>>,
     pub(super) services: Services<'a>,
     pub(super) routes: Vec<MeshRoute<'a>>,
     /// Positions in `routes`.
@@ -81,11 +88,9 @@ pub(super) struct Index<'a> {
 impl<'a> Index<'a> {
     pub(super) fn new(objects: &'a Objects) -> Index<'a> {
         let mut statuses = Vec::new();
-        let services = service::services(
-            oldest_first(&objects.services, |s| &s.metadata, SERVICE, &mut statuses),
-            &objects.endpoint_slices,
-            &mut statuses,
-        );
+        let service_list = oldest_first(&objects.services, |s| &s.metadata, SERVICE, &mut statuses);
+        let service_objects = service_list.iter().map(|(_, s)| *s).collect();
+        let services = service::services(service_list, &objects.endpoint_slices, &mut statuses);
         let mut routes: Vec<MeshRoute> = oldest_first(
             &objects.http_routes,
             |r| &r.metadata,
@@ -96,22 +101,24 @@ impl<'a> Index<'a> {
         .map(|(key, route)| MeshRoute {
             kind: HTTP_ROUTE,
             key,
-            route: Cow::Borrowed(route),
+            route: Cow::Borrowed(&**route),
             problems: Vec::new(),
+            object: route.clone(),
         })
         .collect();
-        for (key, route) in oldest_first(
+        for (key, grpc) in oldest_first(
             &objects.grpc_routes,
             |r| &r.metadata,
             GRPC_ROUTE,
             &mut statuses,
         ) {
-            let (route, problems) = grpc_as_http(route);
+            let (route, problems) = grpc_as_http(grpc);
             routes.push(MeshRoute {
                 kind: GRPC_ROUTE,
                 key,
                 route: Cow::Owned(route),
                 problems,
+                object: grpc.clone(),
             });
         }
         // Both kinds in one order, as for one kind (stable: HTTPRoutes first on a tie).
@@ -125,6 +132,7 @@ impl<'a> Index<'a> {
             .map(|(i, r)| ((r.kind, r.key.clone()), i))
             .collect();
         Index {
+            service_objects,
             services,
             routes,
             route_keys,

@@ -39,10 +39,11 @@ pub(super) struct Port {
 
 /// A usable Service: its address, ports and EndpointSlices.
 pub(super) struct ServiceInfo<'a> {
+    pub(super) object: &'a Arc<KubeService>,
     pub(super) cluster_ip: Option<IpAddr>,
     /// By port number.
     pub(super) ports: Vec<Port>,
-    pub(super) slices: Vec<&'a EndpointSlice>,
+    pub(super) slices: Vec<&'a Arc<EndpointSlice>>,
 }
 
 impl ServiceInfo<'_> {
@@ -65,7 +66,7 @@ pub(super) type Services<'a> = BTreeMap<Key, ServiceInfo<'a>>;
 /// EndpointSlices among `slices` (sorted by name); a Service that cannot be used
 /// gets a status in `statuses` instead.
 pub(super) fn services<'a>(
-    services: Vec<(Key, &KubeService)>,
+    services: Vec<(Key, &'a Arc<KubeService>)>,
     slices: &'a [Arc<EndpointSlice>],
     statuses: &mut Vec<ObjectStatus>,
 ) -> Services<'a> {
@@ -94,13 +95,17 @@ pub(super) fn services<'a>(
         }
     }
     for info in usable.values_mut() {
-        info.slices.sort_by_key(|s| s.metadata.name.clone());
+        info.slices
+            .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
     usable
 }
 
 /// A Service's ports and address; None for an ExternalName Service.
-fn service_info<'a>(key: &Key, service: &KubeService) -> Result<Option<ServiceInfo<'a>>, Problem> {
+fn service_info<'a>(
+    key: &Key,
+    service: &'a Arc<KubeService>,
+) -> Result<Option<ServiceInfo<'a>>, Problem> {
     if !is_dns_label(&key.1) {
         return Err(invalid(
             "Invalid",
@@ -117,6 +122,7 @@ fn service_info<'a>(key: &Key, service: &KubeService) -> Result<Option<ServiceIn
     }
     let Some(spec) = &service.spec else {
         return Ok(Some(ServiceInfo {
+            object: service,
             cluster_ip: None,
             ports: Vec::new(),
             slices: Vec::new(),
@@ -149,6 +155,7 @@ fn service_info<'a>(key: &Key, service: &KubeService) -> Result<Option<ServiceIn
     }
     ports.sort_by_key(|p| p.port);
     Ok(Some(ServiceInfo {
+        object: service,
         cluster_ip: spec.cluster_ip.as_deref().and_then(|ip| ip.parse().ok()),
         ports,
         slices: Vec::new(),

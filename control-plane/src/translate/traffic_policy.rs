@@ -44,6 +44,7 @@ use trellis_proto::model::policy::{Policy, Timeouts};
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// What a targetRef resolved to.
+#[derive(Clone)]
 pub(super) enum Target {
     /// A Service, or one of its ports.
     Service { service: Key, port: Option<u16> },
