@@ -41,7 +41,8 @@ struct Cli {
     /// How long a burst of changes must be quiet before it is pushed.
     #[arg(long, default_value = "100ms", value_parser = trellis_proto::model::duration::parse)]
     debounce: Duration,
-    /// How often local mode checks the directory for changes.
+    /// How often local mode checks the directory for changes (a file written,
+    /// moved or deleted is noticed at once, by inotify).
     #[arg(long, default_value = "200ms", value_parser = trellis_proto::model::duration::parse)]
     poll: Duration,
     /// Be the mesh's certificate authority, with the root (or intermediate) kept in

@@ -1,7 +1,8 @@
 //! Local mode: a directory of the same YAML an operator would `kubectl apply`
 //! (Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, TrafficPolicies,
 //! ServerPolicies), read again whenever a file in it changes, and reported whole
-//! to the [`Hub`].
+//! to the [`Hub`]. A change is noticed as soon as a file is closed after writing,
+//! moved in or out, or deleted (inotify), and otherwise by the next poll.
 //!
 //! A document that does not parse as its kind is reported with its file, document
 //! number and field (in the log and on the admin port's `/status`); the last
@@ -14,6 +15,7 @@ use crate::{
     hub::Hub,
     translate::Objects,
 };
+use inotify::{EventStream, Inotify, WatchMask, Watches};
 use serde::de::DeserializeOwned;
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,6 +23,7 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
+use tokio_stream::StreamExt;
 
 /// The errors of the last scan, by file, for the admin port.
 #[derive(Clone, Default)]
@@ -32,19 +35,70 @@ impl FileErrors {
     }
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>, dirs: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
+    dirs.push(dir.to_path_buf());
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            yaml_files(&path, out);
+            yaml_files(&path, out, dirs);
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
         ) {
             out.push(path);
+        }
+    }
+}
+
+/// What ends a write: a file closed after writing, moved in or out, deleted. Not
+/// its creation or each write, which would read a file still half written.
+const WRITTEN: WatchMask = WatchMask::CLOSE_WRITE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::DELETE);
+
+/// The directories' change events, or None where inotify is not to be had (the
+/// poll then notices every change).
+struct DirectoryEvents {
+    events: Option<(Watches, EventStream<[u8; 4096]>)>,
+}
+
+impl DirectoryEvents {
+    fn new() -> DirectoryEvents {
+        let events = Inotify::init().and_then(|inotify| {
+            let watches = inotify.watches();
+            Ok((watches, inotify.into_event_stream([0; 4096])?))
+        });
+        if let Err(error) = &events {
+            tracing::warn!(%error, "no inotify: changes are noticed by polling only");
+        }
+        DirectoryEvents {
+            events: events.ok(),
+        }
+    }
+
+    /// Watches `dirs` too (a directory already watched keeps its watch).
+    fn watch(&mut self, dirs: &[PathBuf]) {
+        if let Some((watches, _)) = &mut self.events {
+            for dir in dirs {
+                if let Err(error) = watches.add(dir, WRITTEN) {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot watch; it is polled");
+                }
+            }
+        }
+    }
+
+    /// Returns at the next event; never without inotify.
+    async fn next(&mut self) {
+        let Some((_, events)) = &mut self.events else {
+            return std::future::pending().await;
+        };
+        if !matches!(events.next().await, Some(Ok(_))) {
+            tracing::warn!("inotify stopped: changes are noticed by polling only");
+            self.events = None;
         }
     }
 }
@@ -223,18 +277,26 @@ struct File {
     pieces: ParsedPieces,
 }
 
-/// Watches `dir` (polling every `every`) and reports each changed state to `hub`.
-/// Only files whose size or modification time changed are read again.
+/// Watches `dir` (on its change events, and polling every `every`) and reports
+/// each changed state to `hub`. Only files whose size or modification time
+/// changed are read again.
 pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) {
     let mut files: BTreeMap<PathBuf, File> = BTreeMap::new();
     let mut file_errors: BTreeMap<PathBuf, (Stamp, String)> = BTreeMap::new();
     let mut first = true;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = DirectoryEvents::new();
     loop {
-        tick.tick().await;
+        // The first tick is at once.
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = events.next() => {}
+        }
         let mut paths = Vec::new();
-        yaml_files(&dir, &mut paths);
+        let mut dirs = Vec::new();
+        yaml_files(&dir, &mut paths, &mut dirs);
+        events.watch(&dirs);
         let mut changed = first;
         first = false;
         let before = files.len() + file_errors.len();
@@ -291,6 +353,62 @@ pub async fn watch(dir: PathBuf, every: Duration, hub: Hub, errors: FileErrors) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{port: 80}]}
+";
+
+    /// The names of the services in `hub`'s snapshot once it has `count`, or
+    /// whatever it has after 20 s.
+    async fn services(hub: &Hub, count: usize) -> Vec<String> {
+        let mut snapshots = hub.snapshots();
+        let names = |snapshots: &tokio::sync::watch::Receiver<_>| -> Vec<String> {
+            let snapshot: &Option<Arc<crate::hub::Snapshot>> = &snapshots.borrow();
+            snapshot
+                .iter()
+                .flat_map(|s| s.objects.services.iter())
+                .filter_map(|s| s.metadata.name.clone())
+                .collect()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            while names(&snapshots).len() < count {
+                snapshots.changed().await.expect("the hub runs");
+            }
+        })
+        .await;
+        names(&snapshots)
+    }
+
+    #[tokio::test]
+    async fn a_file_written_or_moved_in_applies_without_waiting_for_the_poll() {
+        let dir = std::env::temp_dir().join(format!("trellis-inotify-{}", std::process::id()));
+        let sub = dir.join("more");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(dir.join("a.yaml"), SERVICE).unwrap();
+        let hub = Hub::start(Duration::ZERO, Duration::ZERO);
+        let watcher = tokio::spawn(watch(
+            dir.clone(),
+            Duration::from_secs(3600),
+            hub.clone(),
+            FileErrors::default(),
+        ));
+        assert_eq!(services(&hub, 1).await, ["reviews"]);
+
+        // Written in place, then moved in (as `kubectl`-style tools and editors
+        // do), in a subdirectory: each is seen long before the hour's poll.
+        std::fs::write(sub.join("b.yaml"), SERVICE.replace("reviews", "ratings")).unwrap();
+        assert_eq!(services(&hub, 2).await.len(), 2);
+        let staged = dir.join(".c.tmp");
+        std::fs::write(&staged, SERVICE.replace("reviews", "details")).unwrap();
+        std::fs::rename(&staged, dir.join("c.yaml")).unwrap();
+        let mut names = services(&hub, 3).await;
+        names.sort();
+        assert_eq!(names, ["details", "ratings", "reviews"]);
+        watcher.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_grpc_route_document_is_read() {
