@@ -170,15 +170,12 @@ impl Views {
                         .is_some_and(|old| *old == service)
                 })
                 .and_then(|p| p.mesh.get(&name).cloned());
-            let json = match kept {
-                Some(json) => json,
-                // Serialising plain data structures cannot fail.
-                None => match serde_json::to_vec(service) {
-                    Ok(json) => Json::from(json),
-                    Err(_) => continue,
-                },
+            let resource = match kept {
+                Some(json) => Some((name, json)),
+                None => resources::service_resource(service)
+                    .map(|(name, json)| (name, Json::from(json))),
             };
-            mesh.insert(name, json);
+            mesh.extend(resource);
         }
         let mut reach = HashMap::new();
         for pod in pods {

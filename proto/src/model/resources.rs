@@ -19,15 +19,20 @@ pub fn inbound_name(port: &InboundPort) -> String {
     format!("inbound/{}", port.port)
 }
 
+/// One service's resource: its name and JSON (None only if serialising failed,
+/// which plain data structures do not).
+pub fn service_resource(service: &Service) -> Option<(String, Vec<u8>)> {
+    let json = serde_json::to_vec(service).ok()?;
+    Some((service_name(service), json))
+}
+
 /// Every resource of `config`, by name, as JSON.
 pub fn to_resources(config: &Config) -> BTreeMap<String, Vec<u8>> {
-    let mut resources = BTreeMap::new();
-    for service in &config.services {
-        // Serialising plain data structures cannot fail.
-        if let Ok(json) = serde_json::to_vec(service) {
-            resources.insert(service_name(service), json);
-        }
-    }
+    let mut resources: BTreeMap<String, Vec<u8>> = config
+        .services
+        .iter()
+        .filter_map(service_resource)
+        .collect();
     for port in &config.inbound {
         if let Ok(json) = serde_json::to_vec(port) {
             resources.insert(inbound_name(port), json);
