@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         identity = Some(IdentityService::new(authority, Arc::new(credentials)));
     }
     server
-        .add_service(discovery::DiscoveryService::new(
+        .add_service(discovery::DiscoveryServer::new(
             hub,
             proxies,
             identity.is_some(),

@@ -17,26 +17,31 @@
 //! skips versions and receives their changes with a later one; the sample is then
 //! timed from that later version's change.
 
+mod wire;
+
 use crate::hub::{Hub, Snapshot, View};
+use bytes::Bytes;
 use serde::Serialize;
 use std::{
     collections::HashMap,
+    convert::Infallible,
+    future::Future,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
+    task::{Context, Poll},
     time::SystemTime,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Duration, Instant};
-use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{server::NamedService, Request, Status, Streaming};
 use trellis_proto::model::config::Workload;
-use trellis_proto::v1::{
-    discovery_server::{Discovery, DiscoveryServer},
-    DiscoveryRequest, DiscoveryResponse, Node, Resource,
-};
+use trellis_proto::v1::{DiscoveryRequest, DiscoveryResponse, Node};
+pub use wire::PART_BYTES;
+use wire::{encode_parts, EncodedMeshes, Message};
 
 /// What the admin port shows about one connected proxy.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -127,6 +132,7 @@ pub struct DiscoveryService {
     hub: Hub,
     proxies: Proxies,
     full_pushes: Arc<Semaphore>,
+    meshes: Arc<EncodedMeshes>,
     next_id: AtomicU64,
     /// With a CA: a stream must present a mesh certificate, and gets only the
     /// view of a pod of the workload it proves.
@@ -137,22 +143,61 @@ pub struct DiscoveryService {
 /// `other_service_account`): discovery streams refused.
 pub const STREAMS_REFUSED_TOTAL: &str = "trellis_cp_streams_refused_total";
 
-impl DiscoveryService {
-    pub fn new(
-        hub: Hub,
-        proxies: Proxies,
-        authenticate: bool,
-    ) -> DiscoveryServer<DiscoveryService> {
-        let mut service = DiscoveryService::serving(hub, proxies);
-        service.authenticate = authenticate;
-        DiscoveryServer::new(service)
+/// The discovery service as the gRPC server routes to it. The method is written
+/// by hand, not generated, so that responses go out as `wire` encodes them.
+#[derive(Clone)]
+pub struct DiscoveryServer(Arc<DiscoveryService>);
+
+impl NamedService for DiscoveryServer {
+    const NAME: &'static str = "trellis.v1.Discovery";
+}
+
+/// The one method.
+const STREAM_PATH: &str = "/trellis.v1.Discovery/Stream";
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for DiscoveryServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> ResponseFuture {
+        let service = self.0.clone();
+        Box::pin(async move {
+            if request.uri().path() != STREAM_PATH {
+                let status = Status::unimplemented(format!("no method {}", request.uri().path()));
+                return Ok(status.into_http());
+            }
+            Ok(match service.stream(wire::request(request)).await {
+                Ok(messages) => wire::response(messages),
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+impl DiscoveryServer {
+    /// The service the gRPC server routes discovery streams to.
+    pub fn new(hub: Hub, proxies: Proxies, authenticate: bool) -> DiscoveryServer {
+        let mut service = DiscoveryService::serving(hub, proxies);
+        service.authenticate = authenticate;
+        DiscoveryServer(Arc::new(service))
+    }
+}
+
+impl DiscoveryService {
     fn serving(hub: Hub, proxies: Proxies) -> DiscoveryService {
         DiscoveryService {
             hub,
             proxies,
             full_pushes: Arc::new(Semaphore::new(FULL_PUSHES)),
+            meshes: Arc::default(),
             next_id: AtomicU64::new(1),
             authenticate: false,
         }
@@ -202,7 +247,7 @@ impl DiscoveryService {
         &self,
         first: DiscoveryRequest,
         incoming: S,
-    ) -> Result<ReceiverStream<Result<DiscoveryResponse, Status>>, Status>
+    ) -> Result<mpsc::Receiver<Message>, Status>
     where
         S: Stream<Item = Result<DiscoveryRequest, Status>> + Send + 'static,
     {
@@ -232,10 +277,11 @@ impl DiscoveryService {
                 hub: self.hub.clone(),
                 proxies: self.proxies.clone(),
                 full_pushes: self.full_pushes.clone(),
+                meshes: self.meshes.clone(),
             },
             incoming,
         ));
-        Ok(ReceiverStream::new(responses))
+        Ok(responses)
     }
 }
 
@@ -265,16 +311,12 @@ fn caller<T>(request: &Request<T>) -> Result<Workload, Status> {
         .ok_or_else(refused)
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Discovery for DiscoveryService {
-    type StreamStream = ResponseStream;
-
+impl DiscoveryService {
+    /// Serves one proxy's stream: its responses come out of the returned channel.
     async fn stream(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
+    ) -> Result<mpsc::Receiver<Message>, Status> {
         let workload = match self.authenticate {
             true => Some(caller(&request)?),
             false => None,
@@ -286,8 +328,7 @@ impl Discovery for DiscoveryService {
         if let Some(workload) = &workload {
             self.check_claim(workload, first.node.as_ref())?;
         }
-        let responses = self.open(first, incoming)?;
-        Ok(Response::new(Box::pin(responses)))
+        self.open(first, incoming)
     }
 }
 
@@ -299,10 +340,11 @@ type InFlight = HashMap<String, Option<Instant>>;
 struct ProxyStream {
     id: u64,
     node: Node,
-    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    out: mpsc::Sender<Message>,
     hub: Hub,
     proxies: Proxies,
     full_pushes: Arc<Semaphore>,
+    meshes: Arc<EncodedMeshes>,
 }
 
 /// A full push's turn: held until the proxy answers `nonce`, or `until`.
@@ -324,6 +366,7 @@ async fn serve(
         hub,
         proxies,
         full_pushes,
+        meshes,
     } = stream;
     let mut incoming = std::pin::pin!(incoming);
     let mut snapshots = hub.snapshots();
@@ -339,30 +382,33 @@ async fn serve(
     loop {
         let current = snapshots.borrow_and_update().clone();
         if let Some(snapshot) = current {
-            let parts = next_response(&snapshot, &node, &mut sent, &mut nonce);
-            if let Some(last) = parts.last() {
-                let size: usize = parts
-                    .iter()
-                    .flat_map(|p| &p.resources)
-                    .map(|r| r.json.len())
-                    .sum();
+            let push = match next_push(&snapshot, &node, &mut sent, &mut nonce, &meshes) {
+                Ok(push) => push,
+                Err(message) => {
+                    tracing::error!(namespace = %node.namespace, pod = %node.pod, %message, "cannot push");
+                    break;
+                }
+            };
+            let mut messages = Vec::new();
+            if let Some(push) = push {
                 metrics::counter!("trellis_cp_pushes_total").increment(1);
-                metrics::histogram!("trellis_cp_push_bytes").record(size as f64);
-                let change = (!parts[0].full).then_some(snapshot.changed_at);
-                in_flight.insert(last.nonce.clone(), change);
+                metrics::histogram!("trellis_cp_push_bytes").record(push.bytes as f64);
+                let change = (!push.full).then_some(snapshot.changed_at);
+                in_flight.insert(push.last_nonce.clone(), change);
                 if let Some(permit) = permit.take() {
                     turn = Some(Turn {
-                        nonce: last.nonce.clone(),
+                        nonce: push.last_nonce,
                         until: Instant::now() + FULL_PUSH_TURN,
                         _permit: permit,
                     });
                 }
-                proxies.update(id, |s| s.sent_version = last.version.clone());
+                proxies.update(id, |s| s.sent_version = push.version);
+                messages = push.messages;
             }
             // A proxy that stops reading mid-push still gives its turn up in time.
             let send = async {
-                for part in parts {
-                    out.send(Ok(part)).await?;
+                for message in messages {
+                    out.send(message).await?;
                 }
                 Ok::<_, mpsc::error::SendError<_>>(())
             };
@@ -406,57 +452,77 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Resource bytes per part of a response (see `more` in the discovery API): a
-/// part holds resources until it passes this, and at least one.
-pub const PART_BYTES: usize = 16 * 1024;
+/// A version as it goes to one proxy.
+struct Push {
+    /// Its parts, in order.
+    messages: Vec<Message>,
+    version: String,
+    /// The last part's, which the proxy answers.
+    last_nonce: String,
+    /// Whether it is the proxy's whole view.
+    full: bool,
+    /// Resource bytes, every part's.
+    bytes: usize,
+}
 
-/// The parts of the response that brings this proxy from what it was sent to
-/// `snapshot`, or none when its view did not change. Every part but the last
-/// has `more`; the first carries `full`.
-fn next_response(
+/// The version that brings this proxy from what it was sent to `snapshot`, or
+/// none when its view did not change: a full push of the whole view to a proxy
+/// sent nothing yet (the mesh's parts as `meshes` encoded them once, then the
+/// pod's own), else the resources that changed. Every part but the last has
+/// `more`; the first carries `full` and the removed names.
+fn next_push(
     snapshot: &Snapshot,
     node: &Node,
     sent: &mut Option<View>,
     nonce: &mut u64,
-) -> Vec<DiscoveryResponse> {
+    meshes: &EncodedMeshes,
+) -> Result<Option<Push>, String> {
     let view = snapshot.view(&node.namespace, &node.pod, &node.pod_ip);
-    let (full, resources, removed) = match sent.as_ref() {
-        None => (true, view.iter().collect::<Vec<_>>(), Vec::new()),
+    let (full, mut parts, removed) = match sent.as_ref() {
+        None => {
+            let mut parts = meshes.parts(&view.mesh).to_vec();
+            parts.extend(encode_parts(&view.inbound));
+            (true, parts, Vec::new())
+        }
         Some(before) => {
             let (changed, removed) = view.diff(before);
             if changed.is_empty() && removed.is_empty() {
-                return Vec::new();
+                return Ok(None);
             }
-            (false, changed, removed)
+            (false, encode_parts(changed), removed)
         }
     };
-    let mut parts = vec![DiscoveryResponse {
-        full,
-        removed,
-        ..Default::default()
-    }];
-    let mut size = 0;
-    for (name, json) in resources {
-        if size >= PART_BYTES {
-            parts.push(DiscoveryResponse::default());
-            size = 0;
-        }
-        size += json.len();
-        let part = parts.last_mut().expect("one part at least");
-        part.resources.push(Resource {
-            name: name.clone(),
-            json: json.clone(),
-        });
+    if parts.is_empty() {
+        parts.push(Bytes::new());
     }
+    let version = snapshot.version.to_string();
+    let bytes = parts.iter().map(Bytes::len).sum();
     let last = parts.len() - 1;
-    for (i, part) in parts.iter_mut().enumerate() {
-        *nonce += 1;
-        part.nonce = nonce.to_string();
-        part.version = snapshot.version.to_string();
-        part.more = i < last;
-    }
+    let mut removed = Some(removed);
+    let messages = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, resources)| {
+            *nonce += 1;
+            let head = DiscoveryResponse {
+                version: version.clone(),
+                nonce: nonce.to_string(),
+                full: full && i == 0,
+                removed: removed.take().unwrap_or_default(),
+                more: i < last,
+                resources: Vec::new(),
+            };
+            Message::new(&head, resources)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     *sent = Some(view);
-    parts
+    Ok(Some(Push {
+        messages,
+        version,
+        last_nonce: nonce.to_string(),
+        full,
+        bytes,
+    }))
 }
 
 /// Records a proxy's answer to the response it names: an ACK (and, for a change,
@@ -516,7 +582,7 @@ pub(crate) mod testing {
 
     pub(crate) struct TestProxy {
         answers: Option<mpsc::Sender<Result<DiscoveryRequest, Status>>>,
-        responses: ReceiverStream<Result<DiscoveryResponse, Status>>,
+        responses: mpsc::Receiver<Message>,
         /// A response [`TestProxy::has_response`] took off the stream.
         early: Option<DiscoveryResponse>,
     }
@@ -533,7 +599,7 @@ pub(crate) mod testing {
                 ..Default::default()
             };
             let responses = service
-                .open(first, ReceiverStream::new(incoming))
+                .open(first, tokio_stream::wrappers::ReceiverStream::new(incoming))
                 .expect("the stream opens");
             TestProxy {
                 answers: Some(answers),
@@ -545,9 +611,9 @@ pub(crate) mod testing {
         /// Whether a response is waiting, without waiting for one.
         pub(crate) fn has_response(&mut self) -> bool {
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            match std::pin::Pin::new(&mut self.responses).poll_next(&mut cx) {
-                std::task::Poll::Ready(Some(Ok(response))) => {
-                    self.early = Some(response);
+            match self.responses.poll_recv(&mut cx) {
+                std::task::Poll::Ready(Some(message)) => {
+                    self.early = Some(message.decode());
                     true
                 }
                 _ => false,
@@ -559,10 +625,10 @@ pub(crate) mod testing {
                 return response;
             }
             self.responses
-                .next()
+                .recv()
                 .await
                 .expect("the stream is open")
-                .expect("a response")
+                .decode()
         }
 
         /// ACKs `response`, or NACKs it with `nack`.
