@@ -80,7 +80,7 @@ fn mesh(servers: &[SocketAddr]) -> Config {
 fn version(base: &Config, n: usize) -> (BTreeMap<String, Vec<u8>>, String) {
     let mut config = base.clone();
     let index = 1 + (n / 2) % (SERVICES - 1);
-    let service = &mut config.services[index];
+    let service = std::sync::Arc::make_mut(&mut config.services[index]);
     if n % 2 == 0 {
         service.endpoints.pop();
     }

@@ -152,7 +152,7 @@ impl Views {
                     .mesh
                     .services
                     .iter()
-                    .map(|s| ((s.namespace.as_str(), s.name.as_str(), s.port.get()), s))
+                    .map(|s| ((s.namespace.as_str(), s.name.as_str(), s.port.get()), &**s))
                     .collect()
             })
             .unwrap_or_default();
@@ -167,7 +167,7 @@ impl Views {
                             service.name.as_str(),
                             service.port.get(),
                         ))
-                        .is_some_and(|old| *old == service)
+                        .is_some_and(|old| *old == &**service)
                 })
                 .and_then(|p| p.mesh.get(&name).cloned());
             let resource = match kept {
@@ -276,7 +276,10 @@ fn reach_of(pod: &Pod) -> Option<Vec<String>> {
 
 /// The services of `namespaces`, plus every service their routes send to, in
 /// mesh order.
-fn reachable<'a>(services: &'a [model::Service], namespaces: &[String]) -> Vec<&'a model::Service> {
+fn reachable<'a>(
+    services: &'a [Arc<model::Service>],
+    namespaces: &[String],
+) -> Vec<&'a model::Service> {
     let by_authority: HashMap<(&str, &str, u16), usize> = services
         .iter()
         .enumerate()
@@ -303,7 +306,7 @@ fn reachable<'a>(services: &'a [model::Service], namespaces: &[String]) -> Vec<&
             }
         }
     }
-    keep.into_iter().map(|i| &services[i]).collect()
+    keep.into_iter().map(|i| &*services[i]).collect()
 }
 
 #[cfg(test)]
@@ -335,8 +338,8 @@ mod tests {
     }
 
     /// Services in one order whatever order they came in.
-    fn by_name(services: &[model::Service]) -> Vec<&model::Service> {
-        let mut services: Vec<_> = services.iter().collect();
+    fn by_name(services: &[Arc<model::Service>]) -> Vec<&model::Service> {
+        let mut services: Vec<&model::Service> = services.iter().map(|s| &**s).collect();
         services.sort_by_key(|s| (&s.namespace, &s.name, s.port));
         services
     }

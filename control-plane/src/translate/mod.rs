@@ -250,7 +250,7 @@ impl Translator {
                         endpoints: service::endpoints(service, port, &accounts, &inbound_index),
                     },
                 };
-                services.push(model::Service {
+                services.push(Arc::new(model::Service {
                     name: key.1.clone(),
                     namespace: key.0.clone(),
                     port: port.port,
@@ -260,7 +260,7 @@ impl Translator {
                         .remove(&(key.clone(), port.port.get()))
                         .unwrap_or_default(),
                     policy: attachments.service_policy(key, port.port.get()),
-                });
+                }));
                 self.endpoints.insert(id, endpoints);
             }
         }

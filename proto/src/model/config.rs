@@ -9,15 +9,17 @@
 pub use super::names::{Method, Workload};
 use super::policy::Policy;
 use serde::{Deserialize, Serialize};
-use std::{collections::HashSet, fmt, net::SocketAddr, num::NonZeroU16, path::Path};
+use std::{collections::HashSet, fmt, net::SocketAddr, num::NonZeroU16, path::Path, sync::Arc};
 
 /// Everything the proxy routes by. An empty config makes the proxy a transparent
 /// passthrough: every connection goes to its original destination.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
+    /// Shared: a proxy holds each service once, in the resources it was sent
+    /// and in the table it runs.
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Server-side policy for the pod's own ports (what a ServerPolicy becomes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound: Vec<InboundPort>,

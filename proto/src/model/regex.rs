@@ -24,4 +24,13 @@ mod tests {
         assert!(!re.is_match("ab"));
         assert!(full_match("(").unwrap_err().contains("invalid regex \"(\""));
     }
+
+    /// Both ends must accept the same patterns however each binary was built
+    /// (alone, or with the control plane's dependencies, which enable more of
+    /// the regex crate): the proxy built alone once refused these.
+    #[test]
+    fn case_insensitive_and_unicode_class_patterns_compile() {
+        assert!(full_match("(?i)bearer .+").unwrap().is_match("Bearer x"));
+        assert!(full_match(r"\p{Greek}+").unwrap().is_match("λόγος"));
+    }
 }

@@ -246,7 +246,7 @@ fn build(
             .strip_prefix("services[")
             .and_then(|rest| rest.split_once(']'))
             .and_then(|(i, _)| config.services.get(i.parse::<usize>().ok()?))
-            .map(service_name)
+            .map(|service| service_name(service))
             .unwrap_or_default();
         ResourceError {
             resource,

@@ -662,7 +662,7 @@ mod tests {
         // Valid as a config, refused by the route compiler (a regex the
         // loader did not see, since the table is built from the model directly).
         let mut bad = parse(&MESH.replace("{address: 127.0.0.1:3}]", "{address: 127.0.0.1:5}]"));
-        bad.services[2].routes.push(Route {
+        Arc::make_mut(&mut bad.services[2]).routes.push(Route {
             matches: vec![
                 serde_yaml_ng::from_str("{path: {type: RegularExpression, value: '('}}").unwrap(),
             ],

@@ -28,6 +28,7 @@ use trellis_tests::{
     TempDir,
 };
 
+mod memory;
 mod throughput;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -187,6 +188,9 @@ struct Row {
     /// New opaque connections per second, for the control-plane pairs.
     connections: Option<f64>,
     cpu_per_1000: Vec<f64>,
+    /// The app's (this process's) CPU per 1000 rps in the same phase: what a
+    /// plain server costs on this machine, against which a sidecar's is read.
+    app_cpu_per_1000: f64,
     rss_idle: Vec<f64>,
     rss_load: Vec<f64>,
 }
@@ -317,6 +321,8 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     let rss_idle = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
     let cpu_before: Vec<f64> = sidecars.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let app = std::process::id() as i32;
+    let app_before = cpu_seconds(app);
     let (c, d, r) = (client.clone(), duration.clone(), rate.to_string());
     let fixed = tokio::task::spawn_blocking(move || {
         oha(
@@ -333,6 +339,7 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
         .zip(cpu_before)
         .map(|(s, before)| (cpu_seconds(s.pid()) - before) / seconds as f64 / (fixed.rps / 1000.0))
         .collect();
+    let app_cpu_per_1000 = (cpu_seconds(app) - app_before) / seconds as f64 / (fixed.rps / 1000.0);
     let rss_load = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
     let (c, d) = (client.clone(), duration.clone());
@@ -348,6 +355,7 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
         max,
         connections,
         cpu_per_1000,
+        app_cpu_per_1000,
         rss_idle,
         rss_load,
     }
@@ -483,6 +491,11 @@ async fn main() {
         }
         return;
     }
+    if std::env::args().nth(1).as_deref() == Some("memory") {
+        println!("A sidecar's resident memory once it holds its control plane's mesh (idle, after the first version)\n");
+        memory::memory().await;
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("throughput") {
         let megabytes = env_or("BENCH_MEGABYTES", 2000);
         println!("Opaque TCP: {megabytes} MB echoed on 4 connections (written and read back at once); app and sidecars on CPU 0, the client on CPU 1\n");
@@ -504,8 +517,8 @@ async fn main() {
         "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
         proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
     );
-    println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | app's vCPU per 1000 rps | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // Each row as soon as it is measured; `direct` comes first, for the deltas.
     let mut direct = (0.0, 0.0);
     for setup in &setups() {
@@ -515,7 +528,7 @@ async fn main() {
             direct = (row.fixed.p50_ms, row.fixed.p99_ms);
         }
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {:+.3} | {:+.3} | {:.4} | {:.0} | {} | {:.3} | {} | {} | {} |",
             row.setup,
             row.fixed.p50_ms,
             row.fixed.p99_ms,
@@ -525,6 +538,7 @@ async fn main() {
             row.fixed.success.min(row.max.success),
             row.max.rps,
             list(&row.cpu_per_1000, 3),
+            row.app_cpu_per_1000,
             list(&row.rss_idle, 1),
             list(&row.rss_load, 1),
             row.connections.map_or("-".into(), |c| format!("{c:.0}")),
