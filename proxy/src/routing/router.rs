@@ -225,6 +225,11 @@ impl Router {
                 PathMatcher::Regex(_) => router.regex.push(candidate),
             }
         }
+        // Held for as long as the version runs, in every sidecar: no spare room.
+        for list in router.exact.values_mut().chain(router.prefix.values_mut()) {
+            list.shrink_to_fit();
+        }
+        router.regex.shrink_to_fit();
         Ok(router)
     }
 

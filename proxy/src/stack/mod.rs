@@ -121,10 +121,12 @@ pub fn destination(
     previous: Option<&Destination>,
 ) -> Destination {
     let addresses: Vec<SocketAddr> = endpoints.iter().map(|e| e.address).collect();
-    let identities: HashMap<SocketAddr, Workload> = endpoints
-        .iter()
-        .filter_map(|e| Some((e.address, e.identity.clone()?)))
-        .collect();
+    let identities: Arc<HashMap<SocketAddr, Workload>> = Arc::new(
+        endpoints
+            .iter()
+            .filter_map(|e| Some((e.address, e.identity.clone()?)))
+            .collect(),
+    );
     let endpoints = addresses.as_slice();
     let kept = previous.filter(|p| p.policy == policy);
     let (breaker, connections, balancer) = match kept {
@@ -165,14 +167,14 @@ pub fn destination(
             .and_then(|lb| lb.hash_on.clone()),
         pool: pool.clone(),
         connections: connections.clone(),
-        identities: Arc::new(identities.clone()),
+        identities: identities.clone(),
     }));
     Destination {
         policy,
         breaker,
         connections,
         balancer,
-        identities: Arc::new(identities),
+        identities,
         stack: Stack::new(stages),
     }
 }
