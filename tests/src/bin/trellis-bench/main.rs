@@ -84,9 +84,18 @@ struct Load {
 }
 
 /// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
+/// `BENCH_HTTP2=1`: every call over HTTP/2 (cleartext, prior knowledge), from
+/// the client through the sidecars to the app.
+fn http2() -> bool {
+    env_or("BENCH_HTTP2", 0) == 1
+}
+
 fn oha(pod: &Pod, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
     let mut command = pod.command("taskset");
     command.args(["-c", "1", "oha", "--no-tui", "--output-format", "json"]);
+    if http2() {
+        command.arg("--http2");
+    }
     if let Some(host) = host {
         command.args(["-H", &format!("Host: {host}")]);
     }
@@ -514,8 +523,9 @@ async fn main() {
         .arg("--version")
         .output();
     println!(
-        "{} | app and sidecars on CPU 0, oha on CPU 1 | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
-        proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+        "{} | app and sidecars on CPU 0, oha on CPU 1 | {} | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
+        proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
+        if http2() { "HTTP/2" } else { "HTTP/1.1" },
     );
     println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | app's vCPU per 1000 rps | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
