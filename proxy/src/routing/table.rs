@@ -60,7 +60,7 @@ struct Built {
     needs_client_addr: bool,
 }
 
-/// The same route, policy and limits, to the same destination objects.
+/// The same policy and limits, to the same destination objects.
 impl PartialEq for Built {
     fn eq(&self, other: &Built) -> bool {
         self.policy == other.policy

@@ -83,13 +83,13 @@ struct Load {
     success: f64,
 }
 
-/// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
 /// `BENCH_HTTP2=1`: every call over HTTP/2 (cleartext, prior knowledge), from
 /// the client through the sidecars to the app.
 fn http2() -> bool {
     env_or("BENCH_HTTP2", 0) == 1
 }
 
+/// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
 fn oha(pod: &Pod, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
     let mut command = pod.command("taskset");
     command.args(["-c", "1", "oha", "--no-tui", "--output-format", "json"]);
