@@ -27,7 +27,9 @@ use hyper::body::Incoming;
 use respond::FLAGS_HEADER;
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
@@ -82,6 +84,16 @@ impl HttpProxy {
     }
 }
 
+impl hyper::service::Service<Request<Incoming>> for HttpProxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(self.clone().proxy(req))
+    }
+}
+
 /// The bounded labels a request is counted under.
 #[derive(Default)]
 struct Labels {
@@ -90,11 +102,7 @@ struct Labels {
 }
 
 impl HttpProxy {
-    /// One request, to its response. Served through `hyper::service::service_fn`,
-    /// whose future type is this one's: hyper keeps it in the connection's slot
-    /// for the request in flight, where a `Service` impl would have to box it
-    /// once per request.
-    pub async fn proxy(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    async fn proxy(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
         let start = Instant::now();
         let mut labels = Labels::default();
         let log = self

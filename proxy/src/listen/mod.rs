@@ -265,7 +265,7 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let direction = state.direction.label();
-    let proxy = HttpProxy::new(
+    let service = HttpProxy::new(
         state.http.clone(),
         original_dst,
         peer,
@@ -273,7 +273,6 @@ async fn serve_http<I>(
         protocol,
         drain.clone(),
     );
-    let service = hyper::service::service_fn(move |req| proxy.clone().proxy(req));
     if protocol == Protocol::Http2 {
         // Counted only if it floods: nothing is looked up per connection.
         let io = flood::FloodGuard::new(io, direction);

@@ -343,12 +343,14 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     })
     .await
     .unwrap();
+    let per_1000 =
+        |pid: i32, before: f64| (cpu_seconds(pid) - before) / seconds as f64 / (fixed.rps / 1000.0);
     let cpu_per_1000 = sidecars
         .iter()
         .zip(cpu_before)
-        .map(|(s, before)| (cpu_seconds(s.pid()) - before) / seconds as f64 / (fixed.rps / 1000.0))
+        .map(|(s, before)| per_1000(s.pid(), before))
         .collect();
-    let app_cpu_per_1000 = (cpu_seconds(app) - app_before) / seconds as f64 / (fixed.rps / 1000.0);
+    let app_cpu_per_1000 = per_1000(app, app_before);
     let rss_load = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
     let (c, d) = (client.clone(), duration.clone());

@@ -4,7 +4,6 @@
 //! holding one service.
 
 use super::rss_mib;
-use std::time::Duration;
 use trellis_tests::{control_plane::ControlPlane, netns::Network};
 
 #[path = "../../../../control-plane/benches/scale/mod.rs"]
@@ -23,9 +22,8 @@ async fn holding(files: &[(&str, &str)], services: usize) -> (f64, f64) {
     let net = Network::new(2);
     let cp = ControlPlane::start(net.pod(1), files).await;
     let sidecar = cp.sidecar(net.pod(0), "client").await;
-    // Ready: the first version is applied whole. Read before asking for the
-    // config dump, which builds the whole config as JSON.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Started means ready: the first version is applied whole. Read before
+    // asking for the config dump, which builds the whole config as JSON.
     let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.pid()))
         .expect("read the sidecar's status");
     let anon_kib: f64 = status
