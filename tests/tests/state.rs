@@ -250,7 +250,8 @@ async fn ejections_buckets_and_budgets_survive_a_push_and_destination_sections_f
             let v2 = dumped(&pods.client, "reviews-v2.shop:80").await?;
             match ejected(&v2).as_slice() {
                 [only] if only == BROKEN => Ok(()),
-                other => Err(format!("ejected: {other:?}")),
+                // The balancer's estimates and in-flight counts say why not.
+                other => Err(format!("ejected: {other:?}, balancer: {}", v2["balancer"])),
             }
         },
     )

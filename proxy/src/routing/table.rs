@@ -9,9 +9,10 @@
 //! A new config is applied as a diff against the table it replaces
 //! ([`RouteTable::next`]): a destination whose service is still there keeps its
 //! object, its endpoints updated in place (each remaining endpoint keeps its latency
-//! estimate and ejection); a route whose definition and effective call policy did
-//! not change keeps its stack (its retry budget, its token bucket); an inbound port
-//! whose limit did not change keeps its bucket. Only what changed starts afresh.
+//! estimate and ejection); a route whose name, backends and effective call policy
+//! did not change keeps its stack (its retry budget, its token bucket), even when
+//! its matches changed; an inbound port whose limit did not change keeps its
+//! bucket. Only what changed starts afresh.
 
 use super::router::Router;
 use crate::{
@@ -51,19 +52,19 @@ pub struct RoutePlan {
     built: Built,
 }
 
+/// What a route's stack depends on, beside its name. Not its matches: they only
+/// choose the route, and the router holds them.
 struct Built {
-    route: Route,
     policy: Policy,
     backends: Vec<(Arc<Backend>, u32)>,
     max_retries: u32,
     needs_client_addr: bool,
 }
 
-/// The same route, policy and limits, to the same destination objects.
+/// The same policy and limits, to the same destination objects.
 impl PartialEq for Built {
     fn eq(&self, other: &Built) -> bool {
-        self.route == other.route
-            && self.policy == other.policy
+        self.policy == other.policy
             && self.max_retries == other.max_retries
             && self.needs_client_addr == other.needs_client_addr
             && self.backends.len() == other.backends.len()
@@ -96,12 +97,16 @@ pub struct RouteTable {
     pub config: Config,
 }
 
+/// The route of a service that names none: everything to its endpoints.
+static DEFAULT_ROUTE: std::sync::LazyLock<[Route; 1]> =
+    std::sync::LazyLock::new(|| [Route::default()]);
+
 /// A service's routes: its own, or one default route to its endpoints.
-fn routes_of(service: &Service) -> Vec<Route> {
+fn routes_of(service: &Service) -> &[Route] {
     if service.routes.is_empty() {
-        vec![Route::default()]
+        &*DEFAULT_ROUTE
     } else {
-        service.routes.clone()
+        &service.routes
     }
 }
 
@@ -215,13 +220,14 @@ impl RouteTable {
                 let needs: Vec<(Option<u32>, bool)> =
                     weighted.iter().map(|(b, _)| needs_of(b)).collect();
                 let built = Built {
-                    route: route.clone(),
                     policy: service.policy.call_sections().overridden_by(&route.policy),
                     max_retries: needs.iter().filter_map(|n| n.0).min().unwrap_or(u32::MAX),
                     needs_client_addr: needs.iter().any(|n| n.1),
                     backends: weighted,
                 };
-                let same = old.and_then(|(t, _)| t.routes.iter().find(|p| p.built == built));
+                let same = old.and_then(|(t, _)| {
+                    t.routes.iter().find(|p| p.name == name && p.built == built)
+                });
                 plans.push(match same {
                     Some(plan) => plan.clone(),
                     None => Arc::new(RoutePlan {
@@ -651,6 +657,30 @@ mod tests {
         let fifth = fourth.next(parse(&retried), &pool).unwrap();
         assert!(!same_route(&fourth, &fifth, "reviews.default:8080"));
         assert!(same_route(&fourth, &fifth, "ratings.default:9080"));
+
+        // Only the route's matches change: requests are chosen by the new ones,
+        // and the route they reach keeps its stack (its retry budget).
+        let narrowed = retried.replace(
+            "      - name: canary\n",
+            "      - name: canary\n        matches: [{path: {type: PathPrefix, value: /reviews}}]\n",
+        );
+        let sixth = fifth.next(parse(&narrowed), &pool).unwrap();
+        let target = sixth.lookup("reviews.default:8080").unwrap();
+        assert!(
+            target.route(&get("reviews.default:8080")).is_none(),
+            "/ no longer matches"
+        );
+        let on_path = Request::get("http://reviews.default:8080/reviews/1")
+            .body(RequestBody::Empty)
+            .unwrap();
+        let before = fifth
+            .lookup("reviews.default:8080")
+            .unwrap()
+            .route(&get("reviews.default:8080"));
+        assert!(std::ptr::eq(
+            target.route(&on_path).unwrap(),
+            before.unwrap()
+        ));
     }
 
     #[tokio::test]
