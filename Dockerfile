@@ -9,8 +9,12 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-# protox compiles the protos in Rust: no protoc is needed.
-RUN cargo build --release --locked -p trellis-proxy -p trellis-control-plane --bins
+# protox compiles the protos in Rust: no protoc is needed. The proxy is built on
+# its own: built with the control plane, it would carry the features the control
+# plane turns on in shared crates (all of tokio's, tracing's log bridge), 0.4 MB
+# more code and 0.3-0.5 MiB more resident memory in every sidecar.
+RUN cargo build --release --locked -p trellis-control-plane --bins \
+ && cargo build --release --locked -p trellis-proxy --bins
 
 FROM debian:bookworm-slim
 RUN apt-get update \
