@@ -13,7 +13,9 @@
 //! (`benches/run throughput`), it measures opaque TCP instead: bytes per second
 //! echoed through no, one and two sidecars, and each sidecar's CPU per GB.
 //!
-//! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1.
+//! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1;
+//! the last two rows repeat direct and the pair with oha on CPU 0 too, where no
+//! response has to wake a reader on the other core.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
 
@@ -89,10 +91,11 @@ fn http2() -> bool {
     env_or("BENCH_HTTP2", 0) == 1
 }
 
-/// Runs oha from inside `pod`, pinned to CPU 1, and reads its JSON summary.
-fn oha(pod: &Pod, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
+/// Runs oha from inside `pod`, pinned to `cpu`, and reads its JSON summary.
+fn oha(pod: &Pod, cpu: usize, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
     let mut command = pod.command("taskset");
-    command.args(["-c", "1", "oha", "--no-tui", "--output-format", "json"]);
+    let cpu = cpu.to_string();
+    command.args(["-c", &cpu, "oha", "--no-tui", "--output-format", "json"]);
     if http2() {
         command.arg("--http2");
     }
@@ -241,6 +244,10 @@ struct Setup {
     source: Source,
     client_config: Option<&'static str>,
     host: Option<&'static str>,
+    /// The core oha runs on. Waking a reader on the other core costs its waker an
+    /// inter-processor interrupt, which a VM pays dearly: run on the sidecars'
+    /// core, oha shows what the sidecars cost without it.
+    load_cpu: usize,
 }
 
 /// The setup's sidecars (client first), and the control plane and CA files they
@@ -320,9 +327,15 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
 
     // Warm up connections and pools, then let RSS settle.
     let warm = client.clone();
-    let host = setup.host;
+    let (host, load_cpu) = (setup.host, setup.load_cpu);
     tokio::task::spawn_blocking(move || {
-        oha(&warm, target, host, &["-z", "2s", "-q", "500", "-c", "8"])
+        oha(
+            &warm,
+            load_cpu,
+            target,
+            host,
+            &["-z", "2s", "-q", "500", "-c", "8"],
+        )
     })
     .await
     .unwrap();
@@ -336,6 +349,7 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     let fixed = tokio::task::spawn_blocking(move || {
         oha(
             &c,
+            load_cpu,
             target,
             host,
             &["-z", &d, "-q", &r, "-c", "8", "--latency-correction"],
@@ -354,9 +368,11 @@ async fn measure(setup: &Setup, rate: u64, seconds: u64) -> Row {
     let rss_load = sidecars.iter().map(|s| rss_mib(s.pid())).collect();
 
     let (c, d) = (client.clone(), duration.clone());
-    let max = tokio::task::spawn_blocking(move || oha(&c, target, host, &["-z", &d, "-c", "32"]))
-        .await
-        .unwrap();
+    let max = tokio::task::spawn_blocking(move || {
+        oha(&c, load_cpu, target, host, &["-z", &d, "-c", "32"])
+    })
+    .await
+    .unwrap();
     let connections = (setup.source != Source::File)
         .then(|| connections_per_second(&client, addr(shop::ECHO_TCP), seconds.min(5)));
     drop(running);
@@ -383,8 +399,8 @@ fn list(values: &[f64], precision: usize) -> String {
         .join(" / ")
 }
 
-/// Every setup, direct first.
-fn setups() -> [Setup; 6] {
+/// Every setup, direct first; the last two again with oha on the sidecars' core.
+fn setups() -> [Setup; 8] {
     [
         Setup {
             name: "direct",
@@ -392,6 +408,7 @@ fn setups() -> [Setup; 6] {
             source: Source::File,
             client_config: None,
             host: None,
+            load_cpu: 1,
         },
         Setup {
             name: "one sidecar",
@@ -399,6 +416,7 @@ fn setups() -> [Setup; 6] {
             sidecars_at: &[0],
             client_config: None,
             host: None,
+            load_cpu: 1,
         },
         Setup {
             name: "two sidecars",
@@ -406,6 +424,7 @@ fn setups() -> [Setup; 6] {
             sidecars_at: &[0, 1],
             client_config: None,
             host: None,
+            load_cpu: 1,
         },
         Setup {
             name: "two sidecars, full policy stack",
@@ -413,6 +432,7 @@ fn setups() -> [Setup; 6] {
             sidecars_at: &[0, 1],
             client_config: Some(FULL_POLICY),
             host: Some("bench.shop:8080"),
+            load_cpu: 1,
         },
         Setup {
             name: "two sidecars, control plane, plaintext",
@@ -420,6 +440,7 @@ fn setups() -> [Setup; 6] {
             sidecars_at: &[0, 1],
             client_config: None,
             host: None,
+            load_cpu: 1,
         },
         Setup {
             name: "two sidecars, control plane, mTLS",
@@ -427,6 +448,23 @@ fn setups() -> [Setup; 6] {
             sidecars_at: &[0, 1],
             client_config: None,
             host: None,
+            load_cpu: 1,
+        },
+        Setup {
+            name: "direct, oha on CPU 0",
+            sidecars_at: &[],
+            source: Source::File,
+            client_config: None,
+            host: None,
+            load_cpu: 0,
+        },
+        Setup {
+            name: "two sidecars, oha on CPU 0",
+            source: Source::File,
+            sidecars_at: &[0, 1],
+            client_config: None,
+            host: None,
+            load_cpu: 0,
         },
     ]
 }
@@ -441,7 +479,7 @@ async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
     let run = |n: u64| {
         let client = client.clone();
         tokio::task::spawn_blocking(move || {
-            oha(&client, target, host, &["-n", &n.to_string(), "-c", "8"])
+            oha(&client, 1, target, host, &["-n", &n.to_string(), "-c", "8"])
         })
     };
     run(2000).await.unwrap();
@@ -489,7 +527,7 @@ async fn main() {
             "| setup | allocations per request (each sidecar) | bytes per request (each sidecar) |"
         );
         println!("|---|---|---|");
-        for setup in &setups()[1..] {
+        for setup in &setups()[1..6] {
             eprintln!("counting {} ...", setup.name);
             let counts = allocations(setup, requests).await;
             let (allocs, bytes): (Vec<f64>, Vec<f64>) = counts.into_iter().unzip();
@@ -525,15 +563,28 @@ async fn main() {
         .arg("--version")
         .output();
     println!(
-        "{} | app and sidecars on CPU 0, oha on CPU 1 | {} | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
+        "{} | app and sidecars on CPU 0, oha on CPU 1 unless the row says otherwise | {} | {rate} rps fixed rate for {seconds}s, then max rate with 32 connections for {seconds}s\n",
         proxy_version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
         if http2() { "HTTP/2" } else { "HTTP/1.1" },
     );
     println!("| setup | p50 ms | p99 ms | max ms | +p50 ms | +p99 ms | success | max rps | vCPU per 1000 rps (each sidecar) | app's vCPU per 1000 rps | RSS idle MiB | RSS at {rate} rps MiB | new connections/s |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    // Each row as soon as it is measured; `direct` comes first, for the deltas.
+    // Each row as soon as it is measured; a `direct` row comes before the rows
+    // with oha on its core, for the deltas.
     let mut direct = (0.0, 0.0);
-    for setup in &setups() {
+    let setups = setups();
+    let only = std::env::var("BENCH_ONLY").ok();
+    let only = only.as_deref().map(|name| {
+        setups
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("BENCH_ONLY: no setup is called {name:?}"))
+    });
+    let chosen = |s: &Setup| match only {
+        None => true,
+        Some(o) => s.name == o.name || (s.sidecars_at.is_empty() && s.load_cpu == o.load_cpu),
+    };
+    for setup in setups.iter().filter(|s| chosen(s)) {
         eprintln!("measuring {} ...", setup.name);
         let row = measure(setup, rate, seconds).await;
         if setup.sidecars_at.is_empty() {
