@@ -6,7 +6,9 @@
 #
 #   docker build -t ghcr.io/trellis-mesh/trellis:0.1.0 .
 
-FROM rust:1-bookworm AS build
+# The toolchain proxy/symbol-order.txt was written with: its symbol names are
+# this rustc's (benches/symbol-order).
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 # protox compiles the protos in Rust: no protoc is needed. The proxy is built on
