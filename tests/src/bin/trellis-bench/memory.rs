@@ -1,7 +1,8 @@
 //! `trellis-bench memory` (`benches/run memory`): a sidecar's resident memory
 //! holding the control-plane benches' mesh (1 000 services, 10 000 endpoints,
 //! 1 000 routes), taken from a real control plane, against the same sidecar
-//! holding one service.
+//! holding one service; and how much of `proxy/symbol-order.txt` the proxy
+//! still has, since what it lists is laid out together.
 
 use super::rss_mib;
 use trellis_tests::{control_plane::ControlPlane, netns::Network};
@@ -38,7 +39,35 @@ async fn holding(files: &[(&str, &str)], services: usize) -> (f64, f64) {
     (rss, anon_kib / 1024.0)
 }
 
+/// How many of the functions `proxy/symbol-order.txt` lists the proxy binary
+/// defines (`nm`), and how many it lists: the ones it no longer has are laid out
+/// with the rest, which shows in resident memory.
+fn symbol_order_found() -> Option<(usize, usize)> {
+    let list = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../proxy/symbol-order.txt"
+    ))
+    .ok()?;
+    let nm = std::process::Command::new("nm")
+        .arg("--defined-only")
+        .arg(trellis_tests::sidecar::proxy_bin())
+        .output()
+        .ok()?;
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let defined: std::collections::HashSet<&str> =
+        nm.lines().filter_map(|l| l.split(' ').nth(2)).collect();
+    let listed: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
+    let found = listed.iter().filter(|f| defined.contains(*f)).count();
+    Some((found, listed.len()))
+}
+
 pub async fn memory() {
+    match symbol_order_found() {
+        Some((found, listed)) => println!(
+            "The proxy defines {found} of the {listed} functions proxy/symbol-order.txt lays out first (benches/symbol-order rewrites it).\n"
+        ),
+        None => println!("(nm could not tell how much of proxy/symbol-order.txt the proxy has.)\n"),
+    }
     let (mesh, slices) = (scale::mesh_file(), scale::slices_file());
     println!("| sidecar holding | services | VmRSS MiB | of it anonymous MiB |");
     println!("|---|---|---|---|");
