@@ -19,8 +19,8 @@
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
 
+use load::{connections_per_second, http2, oha, pinned_runtime, Load};
 use std::{net::SocketAddr, process::Command, time::Duration};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_tests::{
     apps,
     control_plane::ControlPlane,
@@ -30,6 +30,8 @@ use trellis_tests::{
     TempDir,
 };
 
+mod allocations;
+mod load;
 mod memory;
 mod throughput;
 
@@ -77,66 +79,6 @@ fn rss_mib(pid: i32) -> f64 {
     kib / 1024.0
 }
 
-struct Load {
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    rps: f64,
-    success: f64,
-}
-
-/// `BENCH_HTTP2=1`: every call over HTTP/2 (cleartext, prior knowledge), from
-/// the client through the sidecars to the app.
-fn http2() -> bool {
-    env_or("BENCH_HTTP2", 0) == 1
-}
-
-/// Runs oha from inside `pod`, pinned to `cpu`, and reads its JSON summary.
-fn oha(pod: &Pod, cpu: usize, target: SocketAddr, host: Option<&str>, args: &[&str]) -> Load {
-    let mut command = pod.command("taskset");
-    let cpu = cpu.to_string();
-    command.args(["-c", &cpu, "oha", "--no-tui", "--output-format", "json"]);
-    if http2() {
-        command.arg("--http2");
-    }
-    if let Some(host) = host {
-        command.args(["-H", &format!("Host: {host}")]);
-    }
-    let output = command
-        .args(args)
-        .arg(format!("http://{target}/"))
-        .output()
-        .expect("run oha (benches/run installs it)");
-    assert!(
-        output.status.success(),
-        "oha failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("oha JSON");
-    let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) * 1000.0;
-    Load {
-        p50_ms: ms(&json["latencyPercentiles"]["p50"]),
-        p99_ms: ms(&json["latencyPercentiles"]["p99"]),
-        max_ms: ms(&json["summary"]["slowest"]),
-        rps: json["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
-        success: json["summary"]["successRate"].as_f64().unwrap_or(0.0),
-    }
-}
-
-/// A single-threaded runtime for the calling thread, which it pins to `cpu`.
-fn pinned_runtime(cpu: usize) -> tokio::runtime::Runtime {
-    // SAFETY: pinning this thread (pid 0 = caller).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The app, on its own thread pinned to CPU 0, until the process ends.
 fn start_app(pod: &Pod) {
     let pod = pod.clone();
@@ -151,46 +93,6 @@ fn start_app(pod: &Pod) {
         });
     });
     ready_rx.recv().expect("app started");
-}
-
-/// How many connections per second `pod` opens to `target` and gets a one-byte
-/// echo back on, from 16 loops on a thread pinned to CPU 1, for `seconds`.
-fn connections_per_second(pod: &Pod, target: SocketAddr, seconds: u64) -> f64 {
-    let pod = pod.clone();
-    std::thread::spawn(move || {
-        let runtime = pinned_runtime(1);
-        runtime.block_on(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-            let loops = (0..16).map(|_| {
-                let pod = pod.clone();
-                tokio::spawn(async move {
-                    let mut done = 0u64;
-                    // Bounded by the deadline and by count.
-                    while tokio::time::Instant::now() < deadline && done < 10_000_000 {
-                        let once = async {
-                            let mut stream = pod.connect(target).await?;
-                            stream.write_all(b"x").await?;
-                            let mut byte = [0u8; 1];
-                            stream.read_exact(&mut byte).await?;
-                            std::io::Result::Ok(())
-                        };
-                        match tokio::time::timeout(Duration::from_secs(5), once).await {
-                            Ok(Ok(())) => done += 1,
-                            _ => break,
-                        }
-                    }
-                    done
-                })
-            });
-            let mut total = 0;
-            for task in loops.collect::<Vec<_>>() {
-                total += task.await.unwrap_or(0);
-            }
-            total as f64 / seconds as f64
-        })
-    })
-    .join()
-    .expect("connection loop")
 }
 
 struct Row {
@@ -469,75 +371,11 @@ fn setups() -> [Setup; 8] {
     ]
 }
 
-/// Allocations per request on each sidecar of `setup`: the proxy built with the
-/// `count-allocations` feature (`benches/allocations`) reports what it allocated,
-/// read before and after a fixed number of requests.
-async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
-    let running = start(setup).await;
-    let (net, sidecars, target) = (&running.net, &running.sidecars, running.target);
-    let (client, host) = (net.pod(0).clone(), setup.host);
-    let run = |n: u64| {
-        let client = client.clone();
-        tokio::task::spawn_blocking(move || {
-            oha(&client, 1, target, host, &["-n", &n.to_string(), "-c", "8"])
-        })
-    };
-    run(2000).await.unwrap();
-    let mut counted = Vec::new();
-    for sidecar in sidecars {
-        let metrics = sidecar.metrics().await;
-        counted.push((
-            metrics.sum("trellis_allocations_total", &[]),
-            metrics.sum("trellis_allocated_bytes_total", &[]),
-        ));
-    }
-    // A scrape allocates too: the second of two back-to-back scrapes is the
-    // baseline, and their difference is taken off again at the end.
-    let mut baseline = Vec::new();
-    for (sidecar, first) in sidecars.iter().zip(&counted) {
-        let metrics = sidecar.metrics().await;
-        let count = metrics.sum("trellis_allocations_total", &[]);
-        let bytes = metrics.sum("trellis_allocated_bytes_total", &[]);
-        baseline.push((count, bytes, count - first.0, bytes - first.1));
-    }
-    let load = run(requests).await.unwrap();
-    assert!(load.success > 0.999, "{}: requests failed", setup.name);
-    let mut per_request = Vec::new();
-    for (sidecar, (count, bytes, scrape_count, scrape_bytes)) in sidecars.iter().zip(baseline) {
-        let metrics = sidecar.metrics().await;
-        let after = (
-            metrics.sum("trellis_allocations_total", &[]),
-            metrics.sum("trellis_allocated_bytes_total", &[]),
-        );
-        per_request.push((
-            (after.0 - count - scrape_count) / requests as f64,
-            (after.1 - bytes - scrape_bytes) / requests as f64,
-        ));
-    }
-    per_request
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     trellis_tests::netns::clean_up_on_panic();
     if std::env::args().nth(1).as_deref() == Some("allocations") {
-        let requests = env_or("BENCH_REQUESTS", 20_000);
-        println!("Heap allocations per request, {requests} requests on 8 connections (oha -n), counted by each sidecar\n");
-        println!(
-            "| setup | allocations per request (each sidecar) | bytes per request (each sidecar) |"
-        );
-        println!("|---|---|---|");
-        for setup in &setups()[1..6] {
-            eprintln!("counting {} ...", setup.name);
-            let counts = allocations(setup, requests).await;
-            let (allocs, bytes): (Vec<f64>, Vec<f64>) = counts.into_iter().unzip();
-            println!(
-                "| {} | {} | {} |",
-                setup.name,
-                list(&allocs, 1),
-                list(&bytes, 0)
-            );
-        }
+        allocations::report().await;
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("memory") {

@@ -1,7 +1,7 @@
 //! `trellis-bench throughput` (`benches/run throughput`): opaque TCP through no,
 //! one and two sidecars.
 
-use super::{cpu_seconds, pinned_runtime, start, Setup};
+use super::{cpu_seconds, load::pinned_runtime, start, Setup};
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
