@@ -14,8 +14,8 @@
 //! echoed through no, one and two sidecars, and each sidecar's CPU per GB.
 //!
 //! The app and every sidecar are pinned to CPU 0, the load generator (oha) to CPU 1;
-//! the last two rows repeat direct and the pair with oha on CPU 0 too, where no
-//! response has to wake a reader on the other core.
+//! the last three rows repeat direct, the pair and the mTLS pair with oha on CPU 0
+//! too, where no response has to wake a reader on the other core.
 //! For each setup: latency at a fixed rate (with oha's coordinated-omission
 //! correction), the highest rate it sustains, and each sidecar's CPU and RSS.
 
@@ -301,8 +301,8 @@ fn list(values: &[f64], precision: usize) -> String {
         .join(" / ")
 }
 
-/// Every setup, direct first; the last two again with oha on the sidecars' core.
-fn setups() -> [Setup; 8] {
+/// Every setup, direct first; the last three again, with oha on the sidecars' core.
+fn setups() -> [Setup; 9] {
     [
         Setup {
             name: "direct",
@@ -363,6 +363,14 @@ fn setups() -> [Setup; 8] {
         Setup {
             name: "two sidecars, oha on CPU 0",
             source: Source::File,
+            sidecars_at: &[0, 1],
+            client_config: None,
+            host: None,
+            load_cpu: 0,
+        },
+        Setup {
+            name: "two sidecars, control plane, mTLS, oha on CPU 0",
+            source: Source::Mtls,
             sidecars_at: &[0, 1],
             client_config: None,
             host: None,
