@@ -9,11 +9,17 @@ use super::{env_or, list, load::oha, setups, start, Setup};
 async fn allocations(setup: &Setup, requests: u64) -> Vec<(f64, f64)> {
     let running = start(setup).await;
     let (net, sidecars, target) = (&running.net, &running.sidecars, running.target);
-    let (client, host) = (net.pod(0).clone(), setup.host);
+    let (client, host, cpu) = (net.pod(0).clone(), setup.host, setup.load_cpu);
     let run = |n: u64| {
         let client = client.clone();
         tokio::task::spawn_blocking(move || {
-            oha(&client, 1, target, host, &["-n", &n.to_string(), "-c", "8"])
+            oha(
+                &client,
+                cpu,
+                target,
+                host,
+                &["-n", &n.to_string(), "-c", "8"],
+            )
         })
     };
     run(2000).await.unwrap();
