@@ -20,11 +20,9 @@ use crate::{
     upstream::request_body::{ReplayBody, RequestBody},
 };
 use http::{Method, Request};
+use http_body::Body;
 use std::{
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
     time::Duration,
 };
 use tokio::time::Instant;
@@ -35,12 +33,56 @@ const BUDGET_WINDOW_SECS: u64 = 10;
 
 /// Retries may add at most `percent` % of the requests seen in the last 10 s, plus
 /// `minPerSecond` for each of those seconds (so a quiet route can still retry).
+///
+/// Every request deposits, so the window is kept in atomics rather than behind a
+/// lock. Two retries withdrawn at the same instant on different threads may both
+/// pass the check: the budget can be overdrawn by one retry per worker thread.
 pub struct Budget {
     ratio: f64,
     reserve: f64,
     start: Instant,
-    /// Per second of the window: (second, requests, retries).
-    slots: Mutex<[(u64, u32, u32); BUDGET_WINDOW_SECS as usize]>,
+    /// Per second of the window, the requests seen in it.
+    requests: [Slot; BUDGET_WINDOW_SECS as usize],
+    /// Per second of the window, the retries taken in it.
+    retries: [Slot; BUDGET_WINDOW_SECS as usize],
+}
+
+/// One second's count: the second (since the budget began) in the high 32 bits,
+/// the count in the low 32, so a slot moves on to a new second in one atomic step.
+struct Slot(AtomicU64);
+
+/// A slot that has counted nothing yet.
+const UNUSED: u64 = u64::MAX;
+
+impl Slot {
+    fn new() -> Slot {
+        Slot(AtomicU64::new(UNUSED))
+    }
+
+    /// Counts one in `second`, starting the count afresh if the slot held an older one.
+    fn add(&self, second: u32) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                let (held, count) = ((v >> 32) as u32, v as u32);
+                Some(match v != UNUSED && held == second {
+                    true => (u64::from(second) << 32) | u64::from(count.saturating_add(1)),
+                    false => (u64::from(second) << 32) | 1,
+                })
+            });
+    }
+
+    /// The count, if its second is still inside the window that ends at `now`.
+    fn live(&self, now: u32) -> u64 {
+        let v = self.0.load(Ordering::Relaxed);
+        let held = (v >> 32) as u32;
+        let inside = v != UNUSED && held <= now && now - held < BUDGET_WINDOW_SECS as u32;
+        if inside {
+            u64::from(v as u32)
+        } else {
+            0
+        }
+    }
 }
 
 impl Budget {
@@ -49,41 +91,38 @@ impl Budget {
             ratio: percent / 100.0,
             reserve: f64::from(min_per_second) * BUDGET_WINDOW_SECS as f64,
             start: Instant::now(),
-            slots: Mutex::new([(u64::MAX, 0, 0); BUDGET_WINDOW_SECS as usize]),
+            requests: std::array::from_fn(|_| Slot::new()),
+            retries: std::array::from_fn(|_| Slot::new()),
         }
+    }
+
+    /// Seconds since the budget began (saturating: a proxy up for 136 years is
+    /// still counted, in its last second).
+    fn second(&self) -> u32 {
+        let elapsed = self.start.elapsed().as_secs();
+        u32::try_from(elapsed).unwrap_or(u32::MAX - 1)
+    }
+
+    fn slot(second: u32) -> usize {
+        (second % BUDGET_WINDOW_SECS as u32) as usize
     }
 
     /// Counts an original request.
     pub fn deposit(&self) {
-        let second = self.start.elapsed().as_secs();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = &mut slots[(second % BUDGET_WINDOW_SECS) as usize];
-        if slot.0 != second {
-            *slot = (second, 0, 0);
-        }
-        slot.1 += 1;
+        let second = self.second();
+        self.requests[Budget::slot(second)].add(second);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_withdraw(&self) -> bool {
-        let second = self.start.elapsed().as_secs();
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let live = |s: &&mut (u64, u32, u32)| s.0 <= second && second - s.0 < BUDGET_WINDOW_SECS;
-        let (requests, retries) = slots
-            .iter_mut()
-            .filter(live)
-            .fold((0u64, 0u64), |(q, r), s| {
-                (q + u64::from(s.1), r + u64::from(s.2))
-            });
+        let second = self.second();
+        let requests: u64 = self.requests.iter().map(|s| s.live(second)).sum();
+        let retries: u64 = self.retries.iter().map(|s| s.live(second)).sum();
         let allowed = self.reserve + self.ratio * requests as f64;
         if (retries as f64) + 1.0 > allowed {
             return false;
         }
-        let slot = &mut slots[(second % BUDGET_WINDOW_SECS) as usize];
-        if slot.0 != second {
-            *slot = (second, 0, 0);
-        }
-        slot.2 += 1;
+        self.retries[Budget::slot(second)].add(second);
         true
     }
 }
@@ -246,6 +285,8 @@ impl Stage for Retry {
         self.budget.deposit();
         let (parts, body) = req.into_parts();
         let body = match body {
+            // Nothing left to read (a GET, `content-length: 0`): nothing to copy either.
+            RequestBody::Incoming(incoming) if incoming.is_end_stream() => RequestBody::Empty,
             RequestBody::Incoming(incoming) => RequestBody::Replay(ReplayBody::new(incoming)),
             other => other,
         };
@@ -338,6 +379,31 @@ mod tests {
         // The window forgets: after 10 s with no traffic there is nothing to spend.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(!budget.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_forgets_each_second_as_the_window_passes_it() {
+        let budget = Budget::new(10.0, 0);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..50 {
+            budget.deposit();
+        }
+        // 150 requests in the window: 15 retries.
+        assert_eq!((0..30).filter(|_| budget.try_withdraw()).count(), 15);
+        // At 10 s the first second (100 requests) has left the window, and the
+        // same slot starts counting afresh: 50 + 30 requests allow 8 retries, all
+        // taken at 5 s.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..30 {
+            budget.deposit();
+        }
+        assert!(!budget.try_withdraw());
+        // At 15 s the retries of second 5 leave as well: 30 requests, 3 retries.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!((0..10).filter(|_| budget.try_withdraw()).count(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,7 @@
 //! two endpoints drawn at random, the one with the lower estimate × load wins.
 
 use crate::rng::Rng;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -11,55 +11,66 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// tau, 10 s: how fast the estimate forgets; an observation tau old weighs 1/e.
 const DECAY_NANOS: f64 = 10e9;
 
-/// Peak-EWMA latency estimate of one endpoint, in nanoseconds as of `at`.
-pub struct Rtt(Mutex<Estimate>);
-
-struct Estimate {
-    nanos: f64,
-    at: Instant,
+/// Peak-EWMA latency estimate of one endpoint. Every pick reads two estimates and
+/// every response updates one, so they are atomics, not a lock: two responses
+/// observed at the same instant on different threads may both write, and the
+/// estimate keeps one of them, which a heuristic can afford.
+pub struct Rtt {
+    /// The estimate in nanoseconds, as `f64` bits.
+    nanos: AtomicU64,
+    /// When it was made: nanoseconds after `epoch`.
+    at: AtomicU64,
+    epoch: Instant,
 }
 
 impl Rtt {
     pub fn new(now: Instant) -> Rtt {
-        Rtt(Mutex::new(Estimate {
-            nanos: DEFAULT_RTT.as_nanos() as f64,
-            at: now,
-        }))
+        Rtt {
+            nanos: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            at: AtomicU64::new(0),
+            epoch: now,
+        }
+    }
+
+    fn since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// How long ago, as of `now`, the estimate was made.
+    fn age(&self, now: Instant) -> Duration {
+        let at = self.at.load(Ordering::Relaxed);
+        Duration::from_nanos(self.since_epoch(now).saturating_sub(at))
+    }
+
+    fn estimate(&self) -> f64 {
+        f64::from_bits(self.nanos.load(Ordering::Relaxed))
     }
 
     /// A slower observation replaces the estimate at once, so a degrading endpoint
     /// sheds load now; a faster one is blended in by how long ago the last was.
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let mut state = self.lock();
-        if rtt > state.nanos {
-            state.nanos = rtt;
+        let estimate = self.estimate();
+        let next = if rtt > estimate {
+            rtt
         } else {
-            let weight = decay(now.saturating_duration_since(state.at));
-            state.nanos = state.nanos * weight + rtt * (1.0 - weight);
-        }
-        state.at = now;
+            let weight = decay(self.age(now));
+            estimate * weight + rtt * (1.0 - weight)
+        };
+        self.nanos.store(next.to_bits(), Ordering::Relaxed);
+        self.at.store(self.since_epoch(now), Ordering::Relaxed);
     }
 
     /// The estimate as of `now`. It decays toward zero while nothing is observed,
     /// as in Linkerd: otherwise an endpoint that was slow once would lose every
     /// comparison and never be measured again.
     pub fn at(&self, now: Instant) -> f64 {
-        let state = self.lock();
-        state.nanos * decay(now.saturating_duration_since(state.at))
+        self.estimate() * decay(self.age(now))
     }
-}
 
-impl Rtt {
     /// Estimate × (in flight + 1): what choosing this endpoint is expected to cost.
     pub fn cost(&self, in_flight: u32, now: Instant) -> f64 {
         self.at(now) * (f64::from(in_flight) + 1.0)
-    }
-
-    /// The estimate is a plain number, valid at every step: a panic elsewhere
-    /// does not make it unusable.
-    fn lock(&self) -> MutexGuard<'_, Estimate> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
