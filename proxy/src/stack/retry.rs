@@ -65,10 +65,12 @@ impl Slot {
             .0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 let (held, count) = ((v >> 32) as u32, v as u32);
-                Some(match v != UNUSED && held == second {
-                    true => (u64::from(second) << 32) | u64::from(count.saturating_add(1)),
-                    false => (u64::from(second) << 32) | 1,
-                })
+                let count = if v != UNUSED && held == second {
+                    count.saturating_add(1)
+                } else {
+                    1
+                };
+                Some((u64::from(second) << 32) | u64::from(count))
             });
     }
 

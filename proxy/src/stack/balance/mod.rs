@@ -10,6 +10,7 @@
 //! the endpoint set changes, [`Balancer::with_endpoints`] keeps the state of every
 //! endpoint still there, as linkerd2-proxy's balancer does.
 
+pub mod clock;
 pub mod outlier;
 pub mod p2c;
 pub mod ring;

@@ -9,6 +9,7 @@
 //! set: an endpoint still in the new set stays ejected. Ejected endpoints come back
 //! lazily, on the next pick or answer; there is no background task.
 
+use super::clock::nanos_after;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -110,7 +111,7 @@ impl Outlier {
     }
 
     fn since_epoch(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+        nanos_after(self.epoch, at)
     }
 
     fn due(&self, now: Instant) -> bool {

@@ -1,6 +1,7 @@
 //! Power of two choices over a peak-EWMA latency estimate, as Linkerd balances:
 //! two endpoints drawn at random, the one with the lower estimate × load wins.
 
+use super::clock::nanos_after;
 use crate::rng::Rng;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,14 +33,9 @@ impl Rtt {
         }
     }
 
-    fn since_epoch(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// How long ago, as of `now`, the estimate was made.
-    fn age(&self, now: Instant) -> Duration {
-        let at = self.at.load(Ordering::Relaxed);
-        Duration::from_nanos(self.since_epoch(now).saturating_sub(at))
+    /// How long before `now` (nanoseconds after `epoch`) the estimate was made.
+    fn age(&self, now: u64) -> Duration {
+        Duration::from_nanos(now.saturating_sub(self.at.load(Ordering::Relaxed)))
     }
 
     fn estimate(&self) -> f64 {
@@ -50,6 +46,7 @@ impl Rtt {
     /// sheds load now; a faster one is blended in by how long ago the last was.
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
+        let now = nanos_after(self.epoch, now);
         let estimate = self.estimate();
         let next = if rtt > estimate {
             rtt
@@ -58,14 +55,14 @@ impl Rtt {
             estimate * weight + rtt * (1.0 - weight)
         };
         self.nanos.store(next.to_bits(), Ordering::Relaxed);
-        self.at.store(self.since_epoch(now), Ordering::Relaxed);
+        self.at.store(now, Ordering::Relaxed);
     }
 
     /// The estimate as of `now`. It decays toward zero while nothing is observed,
     /// as in Linkerd: otherwise an endpoint that was slow once would lose every
     /// comparison and never be measured again.
     pub fn at(&self, now: Instant) -> f64 {
-        self.estimate() * decay(self.age(now))
+        self.estimate() * decay(self.age(nanos_after(self.epoch, now)))
     }
 
     /// Estimate × (in flight + 1): what choosing this endpoint is expected to cost.
