@@ -209,7 +209,7 @@ async fn load(
                 let target = current.lookup("svc-0.shop:8080").expect("service 0");
                 let route = target.route(&req).expect("route");
                 let response = route.stack.call(req).await.expect("answered");
-                let _ = response.into_body().collect().await;
+                let _ = response.response.into_body().collect().await;
                 latencies.push(start.elapsed());
             }
             latencies

@@ -14,7 +14,7 @@ use crate::{
     metrics::{status_label, Direction, AUTHZ_DENIED_TOTAL, REQUESTS_TOTAL, REQUEST_DURATION},
     routing::table::{RouteTable, SharedTable},
     shutdown::Drain,
-    stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Outcome, Req, Rsp},
+    stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Req, Routed, Rsp},
     upstream::{
         body::ResponseBody,
         forward::{forward, is_upgrade},
@@ -140,13 +140,7 @@ impl HttpProxy {
             )),
         };
         let (mut response, flags, backend) = match result {
-            Ok(mut response) => {
-                let outcome = response
-                    .extensions_mut()
-                    .remove::<Outcome>()
-                    .unwrap_or_default();
-                (response, outcome.flags, outcome.backend)
-            }
+            Ok(Routed { response, outcome }) => (response, outcome.flags, outcome.backend),
             Err(failure) => {
                 if failure.kind != FailureKind::Local {
                     tracing::warn!(
@@ -188,7 +182,7 @@ impl HttpProxy {
 
     /// Outbound to a named service: its route's stack. Otherwise the original
     /// destination, after the inbound port's rate limit.
-    async fn dispatch(&self, mut req: Req, labels: &mut Labels) -> Result<Rsp, Failure> {
+    async fn dispatch(&self, mut req: Req, labels: &mut Labels) -> Result<Routed, Failure> {
         let table = self.shared.table.load_full();
         if self.shared.direction == Direction::Outbound {
             // A service named by the authority, or dialled by its cluster IP.
@@ -229,6 +223,7 @@ impl HttpProxy {
         }
         forward(&self.shared.pool, addr, req, None, None)
             .await
+            .map(Routed::from)
             .map_err(|error| Failure::upstream(&error, None, addr))
     }
 

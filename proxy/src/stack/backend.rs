@@ -11,7 +11,7 @@
 use super::{
     balance::Balancer,
     breaker::Breaker,
-    outcome::{BoxFuture, Failure, Req, Rsp},
+    outcome::{BoxFuture, Failure, Req, Routed},
     stage::{Next, Stack, Stage},
 };
 use crate::upstream::pool::ConnectionLimit;
@@ -79,7 +79,7 @@ impl Backend {
 /// Routes hold their destinations shared: several routes may send to one.
 impl Stage for Arc<Backend> {
     /// A destination ends the route's stack, so `next` is not used.
-    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         let destination = self.current();
         Box::pin(async move { destination.stack.call(req).await })
     }

@@ -8,7 +8,7 @@
 //! waits (the client went away, an outer timeout fired) gives them back.
 
 use super::{
-    outcome::{BoxFuture, Failure, Flags, Req, Rsp},
+    outcome::{BoxFuture, Failure, Flags, Req, Routed},
     stage::{Next, Stage},
 };
 use http::StatusCode;
@@ -73,7 +73,7 @@ impl Drop for Pending<'_> {
 }
 
 impl Stage for Breaker {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         let permit = self.slots.clone().try_acquire_owned().ok();
         let pending = match permit {
             Some(_) => None,
@@ -101,7 +101,7 @@ impl Stage for Breaker {
 
 /// A destination's breaker outlives its stacks: each new one shares it.
 impl Stage for Arc<Breaker> {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         (**self).call(req, next)
     }
 }
@@ -121,7 +121,7 @@ mod tests {
 
     fn spawn_call(
         stack: &Arc<crate::stack::stage::Stack>,
-    ) -> tokio::task::JoinHandle<Result<Rsp, Failure>> {
+    ) -> tokio::task::JoinHandle<Result<Routed, Failure>> {
         let stack = stack.clone();
         tokio::spawn(async move { stack.call(request()).await })
     }

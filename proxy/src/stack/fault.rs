@@ -18,7 +18,7 @@
 //! requests get the gRPC status and everything else the HTTP one.
 
 use super::{
-    outcome::{flag_result, BoxFuture, Failure, Flags, Req, Rsp},
+    outcome::{flag_result, BoxFuture, Failure, Flags, Req, Routed},
     stage::{Next, Stage},
 };
 use crate::rng::Rng;
@@ -104,7 +104,7 @@ impl FaultInjector {
 }
 
 impl Stage for FaultInjector {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         let decision = self.decide();
         Box::pin(async move {
             let mut flags = Flags::NONE;
@@ -304,10 +304,7 @@ mod tests {
         let response = run(faults(&delay_only, 1), upstream.clone(), request())
             .await
             .unwrap();
-        let outcome = response
-            .extensions()
-            .get::<crate::stack::outcome::Outcome>();
-        assert_eq!(outcome.unwrap().flags.label(), "DI");
+        assert_eq!(response.outcome.flags.label(), "DI");
         assert_eq!(upstream.calls(), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! The vocabulary every stage speaks, and nothing else: the request and response
 //! types, [`Failure`] (a request the proxy answers itself), [`Flags`] (why the
 //! proxy answered or changed an answer), [`Outcome`] (what an upstream response
-//! went through) and the request extensions stages leave for each other ([`Avoid`],
+//! went through, carried beside it in [`Routed`]) and the request extensions stages leave for each other ([`Avoid`],
 //! [`ClientAddr`]). It imports no stage, so every stage and the HTTP service can
 //! import it.
 
@@ -174,8 +174,8 @@ impl Failure {
     }
 }
 
-/// Response extension set by the stack: flags on an upstream response (a delay was
-/// injected, a retry happened) and the backend that answered.
+/// What an upstream response went through: flags (a delay was injected, a retry
+/// happened) and the backend and endpoint that answered.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     pub flags: Flags,
@@ -183,18 +183,44 @@ pub struct Outcome {
     pub endpoint: Option<SocketAddr>,
 }
 
-/// Adds `flags` to a response's [`Outcome`].
-pub fn add_flags(response: &mut Rsp, flags: Flags) {
-    let outcome = response.extensions_mut().get_or_insert_default::<Outcome>();
-    outcome.flags = outcome.flags.union(flags);
+/// A response from a route's stack with its [`Outcome`] beside it. Kept out of the
+/// response's extensions, where it would cost a map, its table and a box on every
+/// request. Reads as the response it holds.
+#[derive(Debug)]
+pub struct Routed {
+    pub response: Rsp,
+    pub outcome: Outcome,
+}
+
+impl From<Rsp> for Routed {
+    fn from(response: Rsp) -> Routed {
+        Routed {
+            response,
+            outcome: Outcome::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for Routed {
+    type Target = Rsp;
+    fn deref(&self) -> &Rsp {
+        &self.response
+    }
+}
+
+impl std::ops::DerefMut for Routed {
+    fn deref_mut(&mut self) -> &mut Rsp {
+        &mut self.response
+    }
 }
 
 /// Adds `flags` to a stage's result, whichever way it went.
-pub fn flag_result(result: &mut Result<Rsp, Failure>, flags: Flags) {
-    match result {
-        Ok(response) => add_flags(response, flags),
-        Err(failure) => failure.flags = failure.flags.union(flags),
-    }
+pub fn flag_result(result: &mut Result<Routed, Failure>, flags: Flags) {
+    let mine = match result {
+        Ok(routed) => &mut routed.outcome.flags,
+        Err(failure) => &mut failure.flags,
+    };
+    *mine = mine.union(flags);
 }
 
 /// Request extension: an endpoint a retry should avoid.

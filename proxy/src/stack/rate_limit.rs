@@ -17,7 +17,7 @@
 //! are still limited, together.
 
 use super::{
-    outcome::{BoxFuture, Failure, Flags, Req, Rsp},
+    outcome::{BoxFuture, Failure, Flags, Req, Routed},
     stage::{Next, Stage},
 };
 use http::{HeaderName, StatusCode};
@@ -66,7 +66,7 @@ impl RateLimit {
 }
 
 impl Stage for RateLimit {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         match self.admit(&req) {
             Ok(()) => next.call(req),
             Err(failure) => Box::pin(std::future::ready(Err(failure))),

@@ -9,9 +9,7 @@
 //! retried on the listed conditions whatever the method.
 
 use super::{
-    outcome::{
-        flag_result, is_grpc, Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Rsp,
-    },
+    outcome::{flag_result, is_grpc, Avoid, BoxFuture, Failure, FailureKind, Flags, Req, Routed},
     stage::{Next, Stage},
 };
 use crate::{
@@ -229,7 +227,7 @@ impl Retry {
     }
 
     /// Whether this result is one the route retries.
-    fn wants_retry(&self, result: &Result<Rsp, Failure>) -> bool {
+    fn wants_retry(&self, result: &Result<Routed, Failure>) -> bool {
         let on = |c: RetryOn| self.retry_on.contains(&c);
         match result {
             Ok(response) => {
@@ -268,18 +266,15 @@ fn body_copy(body: &RequestBody) -> Option<RequestBody> {
     }
 }
 
-fn endpoint_of(result: &Result<Rsp, Failure>) -> Option<std::net::SocketAddr> {
+fn endpoint_of(result: &Result<Routed, Failure>) -> Option<std::net::SocketAddr> {
     match result {
-        Ok(response) => response
-            .extensions()
-            .get::<Outcome>()
-            .and_then(|o| o.endpoint),
+        Ok(routed) => routed.outcome.endpoint,
         Err(failure) => failure.endpoint,
     }
 }
 
 impl Stage for Retry {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         if upgrade || !(self.idempotent(req.method()) || is_grpc(&req)) {
             return next.call(req);
@@ -442,12 +437,7 @@ mod tests {
         let response = service.call(request()).await.unwrap();
         assert_eq!(response.status(), 503);
         assert_eq!(upstream.calls(), 3, "first attempt plus two retries");
-        assert!(response
-            .extensions()
-            .get::<Outcome>()
-            .unwrap()
-            .flags
-            .contains(Flags::URX));
+        assert!(response.outcome.flags.contains(Flags::URX));
     }
 
     #[tokio::test(start_paused = true)]

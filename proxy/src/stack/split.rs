@@ -2,7 +2,7 @@
 //! probability weight / total. Backends of weight 0 get nothing.
 
 use super::{
-    outcome::{BoxFuture, Failure, Flags, Req, Rsp},
+    outcome::{BoxFuture, Failure, Flags, Req, Routed},
     stage::{Next, Stage},
 };
 use crate::rng::Rng;
@@ -36,7 +36,7 @@ impl Split {
 
 impl Stage for Split {
     /// A backend ends the route's stack, so `next` is not used.
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         let draw = self.rng.below(self.total.max(1));
         let index = self
             .backends

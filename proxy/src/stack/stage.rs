@@ -5,13 +5,13 @@
 //! Stages borrow the stack for the life of a request (the route table that owns it
 //! is held by the request), so calling the next stage clones nothing.
 
-use super::outcome::{BoxFuture, Failure, Flags, Req, Rsp};
+use super::outcome::{BoxFuture, Failure, Flags, Req, Routed};
 use http::StatusCode;
 
 /// One step of a route's policy stack.
 pub trait Stage: Send + Sync {
     /// Handles `req`, handing it to `next` when it should go further in.
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>>;
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>>;
 }
 
 /// The stages after the one being called; `call` may be used any number of times
@@ -22,7 +22,7 @@ pub struct Next<'a> {
 }
 
 impl<'a> Next<'a> {
-    pub fn call(self, req: Req) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    pub fn call(self, req: Req) -> BoxFuture<'a, Result<Routed, Failure>> {
         match self.stages.split_first() {
             Some((stage, rest)) => stage.call(req, Next { stages: rest }),
             // Every stack ends in a stage that answers; this names a stack built wrong.
@@ -47,7 +47,7 @@ impl Stack {
         }
     }
 
-    pub fn call(&self, req: Req) -> BoxFuture<'_, Result<Rsp, Failure>> {
+    pub fn call(&self, req: Req) -> BoxFuture<'_, Result<Routed, Failure>> {
         Next {
             stages: &self.stages,
         }
@@ -57,7 +57,7 @@ impl Stack {
 
 /// A whole stack used as one stage (a split's backends are stacks of their own).
 impl Stage for Stack {
-    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         Stack::call(self, req)
     }
 }

@@ -2,7 +2,7 @@
 //! way to run one stage in front of it.
 
 use super::{
-    outcome::{Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Rsp},
+    outcome::{Avoid, BoxFuture, Failure, FailureKind, Flags, Outcome, Req, Routed, Rsp},
     stage::{Next, Stack, Stage},
 };
 use crate::upstream::{body::ResponseBody, request_body::RequestBody};
@@ -33,7 +33,7 @@ pub async fn run(
     stage: impl Stage + 'static,
     inner: impl Stage + 'static,
     req: Req,
-) -> Result<Rsp, Failure> {
+) -> Result<Routed, Failure> {
     stack(stage, inner).call(req).await
 }
 
@@ -90,7 +90,7 @@ pub fn status(code: u16) -> Rsp {
 }
 
 impl Stage for Scripted {
-    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.avoided
             .lock()
@@ -104,29 +104,28 @@ impl Stage for Scripted {
             .unwrap_or(self.last.clone());
         Box::pin(async move {
             match step {
-                Step::Status(code) => Ok(status(code)),
+                Step::Status(code) => Ok(status(code).into()),
                 Step::Fail(kind) => Err(Failure {
                     kind,
                     ..Failure::local(StatusCode::BAD_GATEWAY, Flags::UC, "scripted failure")
                 }),
                 Step::Delay(delay) => {
                     tokio::time::sleep(delay).await;
-                    Ok(status(200))
+                    Ok(status(200).into())
                 }
-                Step::From(addr) => {
-                    let mut response = status(503);
-                    response.extensions_mut().insert(Outcome {
+                Step::From(addr) => Ok(Routed {
+                    response: status(503),
+                    outcome: Outcome {
                         endpoint: Some(addr),
                         ..Default::default()
-                    });
-                    Ok(response)
-                }
+                    },
+                }),
                 Step::Grpc(code) => {
                     let mut response = status(200);
                     response
                         .headers_mut()
                         .insert("grpc-status", code.to_string().parse().unwrap());
-                    Ok(response)
+                    Ok(response.into())
                 }
             }
         })

@@ -3,7 +3,7 @@
 //! the response body, once it streams, is not cut short.
 
 use super::{
-    outcome::{BoxFuture, Failure, Req, Rsp},
+    outcome::{BoxFuture, Failure, Req, Routed},
     stage::{Next, Stage},
 };
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 pub struct Timeout(pub Duration);
 
 impl Stage for Timeout {
-    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         Box::pin(async move {
             match tokio::time::timeout(self.0, next.call(req)).await {
                 Ok(result) => result,

@@ -16,7 +16,7 @@ pub mod p2c;
 pub mod ring;
 
 use super::{
-    outcome::{Avoid, BoxFuture, ClientAddr, Failure, Flags, Outcome, Req, Rsp},
+    outcome::{Avoid, BoxFuture, ClientAddr, Failure, Flags, Outcome, Req, Routed},
     stage::{Next, Stage},
 };
 use crate::{
@@ -407,7 +407,7 @@ impl Balance {
 }
 
 impl Stage for Balance {
-    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Rsp, Failure>> {
+    fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
         Box::pin(async move {
             let backend = &self.balancer.0.label;
             let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
@@ -424,16 +424,20 @@ impl Stage for Balance {
             let addr = pick.addr();
             let peer = self.identities.get(&addr);
             match forward(&self.pool, addr, req, self.connections.as_deref(), peer).await {
-                Ok(mut response) => {
+                Ok(response) => {
                     pick.finish(match response.status().as_u16() {
                         502..=504 => Answer::GatewayError,
                         500..=599 => Answer::Error5xx,
                         _ => Answer::Success,
                     });
-                    let outcome = response.extensions_mut().get_or_insert_default::<Outcome>();
-                    outcome.backend = Some(backend.clone());
-                    outcome.endpoint = Some(addr);
-                    Ok(response)
+                    Ok(Routed {
+                        response,
+                        outcome: Outcome {
+                            flags: Flags::NONE,
+                            backend: Some(backend.clone()),
+                            endpoint: Some(addr),
+                        },
+                    })
                 }
                 Err(error) => {
                     // Over the destination's own connection limit says nothing of
