@@ -1,9 +1,9 @@
 //! The vocabulary every stage speaks, and nothing else: the request and response
 //! types, [`Failure`] (a request the proxy answers itself), [`Flags`] (why the
 //! proxy answered or changed an answer), [`Outcome`] (what an upstream response
-//! went through, carried beside it in [`Routed`]) and the request extensions stages leave for each other ([`Avoid`],
-//! [`ClientAddr`]). It imports no stage, so every stage and the HTTP service can
-//! import it.
+//! went through, carried beside it in [`Routed`]) and the request extensions
+//! stages leave for each other ([`Avoid`], [`ClientAddr`]). It imports no stage,
+//! so every stage and the HTTP service can import it.
 
 use crate::upstream::pool::UpstreamError;
 use http::StatusCode;
