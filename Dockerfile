@@ -11,7 +11,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# protox compiles the protos in Rust: no protoc is needed. The proxy is built on
+# The protobuf code is generated ahead of time: no protoc is needed. The proxy is built on
 # its own: built with the control plane, it would carry the features the control
 # plane turns on in shared crates (all of tokio's, tracing's log bridge), 0.4 MB
 # more code and 0.3-0.5 MiB more resident memory in every sidecar.

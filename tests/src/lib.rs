@@ -22,9 +22,10 @@ pub mod shop;
 pub mod sidecar;
 pub mod wait;
 
-/// The generated test gRPC service (`proto/echo.proto`).
+/// The test gRPC service (`proto/echo.proto`), generated ahead of time like the
+/// discovery API.
 pub mod proto {
-    tonic::include_proto!("trellis.test");
+    include!("gen/trellis.test.rs");
 }
 
 /// A directory under the system temp dir, readable by the proxy's uid, removed on drop.

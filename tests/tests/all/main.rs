@@ -9,6 +9,7 @@ mod control_plane;
 mod discovery_auth;
 mod drain;
 mod fuzz_regressions;
+mod generated;
 mod hostile;
 mod hostile_h2;
 mod house;

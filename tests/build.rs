@@ -1,8 +1,0 @@
-//! Generates the test gRPC service with a pure-Rust protobuf compiler (no protoc).
-
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["proto/echo.proto"], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
-    Ok(())
-}
