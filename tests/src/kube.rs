@@ -3,9 +3,10 @@
 //! `~/.cache/trellis/kube-1.20`), and the control plane and a proxy as plain
 //! processes in the root network namespace, where they reach it on 127.0.0.1.
 //!
-//! The API server listens on fixed ports, so only one may run at a time: an
-//! [`ApiServer`] holds a process-wide lock for as long as it lives, and tests that
-//! start one run one after another.
+//! An API server listens on the fixed ports of one of [`SLOTS`] slots, so that a
+//! server left over from a killed run is found and named. An [`ApiServer`] holds
+//! its slot for as long as it lives: at most two run at once, since a start keeps a
+//! core busy for six seconds, and a test that starts one waits for a free slot.
 //!
 //! The operator's own clients, `kubectl` and `helm`, are real static builds that
 //! `scripts/setup` installs into `~/.cache/trellis/bin` ([`tool`]); a test runs
@@ -22,16 +23,61 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicU16, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-/// The port `tests/kube/start.sh` gives the API server.
-pub const APISERVER_PORT: u16 = 16443;
-/// etcd's client port (the peer port is the next one).
-pub const ETCD_PORT: u16 = 12379;
+/// How many API servers may run at once.
+const SLOTS: u16 = 2;
+/// The API server's port in slot 0; slot `i` adds `i`.
+const APISERVER_PORT: u16 = 16443;
+/// etcd's client port in slot 0 (the peer port is the next one); slot `i` adds `2 * i`.
+const ETCD_PORT: u16 = 12379;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+static FREE_SLOTS: Semaphore = Semaphore::const_new(SLOTS as usize);
+/// Bit `i` set: slot `i` is taken.
+static IN_USE: Mutex<u16> = Mutex::new(0);
+
+/// A slot's ports, held until dropped.
+struct Slot {
+    index: u16,
+    _permit: SemaphorePermit<'static>,
+}
+
+impl Slot {
+    /// Waits for a free slot and takes it.
+    async fn take() -> Slot {
+        let permit = FREE_SLOTS.acquire().await.expect("never closed");
+        let mut in_use = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
+        let index = (0..SLOTS)
+            .find(|i| *in_use & (1 << i) == 0)
+            .expect("a permit means a free slot");
+        *in_use |= 1 << index;
+        Slot {
+            index,
+            _permit: permit,
+        }
+    }
+
+    fn apiserver_port(&self) -> u16 {
+        APISERVER_PORT + self.index
+    }
+
+    fn etcd_port(&self) -> u16 {
+        ETCD_PORT + 2 * self.index
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Before the permit, which drops after this.
+        *IN_USE.lock().unwrap_or_else(|p| p.into_inner()) &= !(1 << self.index);
+    }
+}
 
 /// `tests/kube/` in the source tree.
 pub fn scripts_dir() -> PathBuf {
@@ -79,7 +125,7 @@ pub struct ApiServer {
     pub kubeconfig: PathBuf,
     started: Started,
     // Released after `started` has stopped the server (fields drop in order).
-    _lock: MutexGuard<'static, ()>,
+    _slot: Slot,
 }
 
 /// What `start.sh RUN` started; `stop.sh RUN` on drop.
@@ -108,10 +154,10 @@ impl Started {
 }
 
 impl ApiServer {
-    /// Waits for any other test's API server to stop, then starts one (bounded:
-    /// 90 s). Panics with what went wrong when it cannot start.
+    /// Waits for a free slot, then starts a server in it (bounded: 90 s). Panics
+    /// with what went wrong when it cannot start.
     pub async fn start() -> ApiServer {
-        let lock = ONE_AT_A_TIME.lock().await;
+        let slot = Slot::take().await;
         let bin = install_dir().join("bin");
         assert!(
             bin.join("kube-apiserver").exists() && bin.join("etcd").exists(),
@@ -126,7 +172,11 @@ impl ApiServer {
              (scripts/test does) to rebuild it",
             bin.display()
         );
-        for port in [APISERVER_PORT, ETCD_PORT, ETCD_PORT + 1] {
+        for port in [
+            slot.apiserver_port(),
+            slot.etcd_port(),
+            slot.etcd_port() + 1,
+        ] {
             assert!(
                 TcpListener::bind(("127.0.0.1", port)).is_ok(),
                 "127.0.0.1:{port} is in use: is a kube-apiserver or etcd from an earlier run \
@@ -141,6 +191,8 @@ impl ApiServer {
         command
             .arg(&started.run.0)
             .arg(install_dir())
+            .env("APISERVER_PORT", slot.apiserver_port().to_string())
+            .env("ETCD_PORT", slot.etcd_port().to_string())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let output = match tokio::time::timeout(Duration::from_secs(90), command.output()).await {
@@ -178,7 +230,7 @@ impl ApiServer {
             client,
             kubeconfig,
             started,
-            _lock: lock,
+            _slot: slot,
         }
     }
 
@@ -237,12 +289,19 @@ pub async fn client_for(kubeconfig: &Path) -> ::kube::Client {
     ::kube::Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
 }
 
-/// A free port on 127.0.0.1 (free when asked; the tests here run one at a time).
+/// A port on 127.0.0.1 that is free when asked and that no other caller in this
+/// process gets: counted up from below the kernel's ephemeral range (32768 and
+/// up), so that neither another test nor an outgoing connection takes it before
+/// its user binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    static NEXT: AtomicU16 = AtomicU16::new(20_000);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 32_000, "free_port: ports 20000-31999 all handed out");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process with its stderr in a log file; killed on drop.

@@ -2,21 +2,14 @@
 //! ([`FakeApiServer`]): EndpointSlice `discovery.k8s.io/v1` (which the real 1.20
 //! test server does not serve) reaches a real proxy, and the watches survive what
 //! a real API server does to them: 410 Gone, streams that end early, bookmarks.
-//!
-//! Each fake server has a random port, but the control plane and the proxy get
-//! theirs from `kube::free_port`, which is only free when asked: the tests here
-//! take turns ([`ONE_AT_A_TIME`]) so that two of them never race for one.
 
 use serde_json::{json, Value};
 use std::{future::Future, time::Duration};
-use tokio::sync::Mutex;
 use trellis_tests::{
     fake_apiserver::{FakeApiServer, Kind},
     kube::{ControlPlane, Proxy},
     wait::until,
 };
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 const AUTHORITY: &str = "reviews.shop:80";
 
@@ -158,7 +151,6 @@ async fn start() -> Mesh {
 
 /// Each test, bounded.
 async fn bounded(test: impl Future<Output = ()>) {
-    let _turn = ONE_AT_A_TIME.lock().await;
     tokio::time::timeout(Duration::from_secs(120), test)
         .await
         .expect("the test finished within 120 s");
