@@ -3,10 +3,11 @@
 //! `~/.cache/trellis/kube-1.20`), and the control plane and a proxy as plain
 //! processes in the root network namespace, where they reach it on 127.0.0.1.
 //!
-//! An API server listens on the fixed ports of one of [`SLOTS`] slots, so that a
-//! server left over from a killed run is found and named. An [`ApiServer`] holds
-//! its slot for as long as it lives: at most two run at once, since a start keeps a
-//! core busy for six seconds, and a test that starts one waits for a free slot.
+//! An API server listens on the fixed ports of one of two slots ([`SLOTS`]), so
+//! that a server left over from a killed run is found and named. An [`ApiServer`]
+//! holds its slot for as long as it lives, and a test that starts one waits for a
+//! free slot: no more than two run at once, since a start keeps a core busy for
+//! about six seconds.
 //!
 //! The operator's own clients, `kubectl` and `helm`, are real static builds that
 //! `scripts/setup` installs into `~/.cache/trellis/bin` ([`tool`]); a test runs
@@ -23,43 +24,33 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Stdio},
-    sync::{
-        atomic::{AtomicU16, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Mutex, MutexGuard};
 
-/// How many API servers may run at once.
-const SLOTS: u16 = 2;
 /// The API server's port in slot 0; slot `i` adds `i`.
 const APISERVER_PORT: u16 = 16443;
 /// etcd's client port in slot 0 (the peer port is the next one); slot `i` adds `2 * i`.
 const ETCD_PORT: u16 = 12379;
 
-static FREE_SLOTS: Semaphore = Semaphore::const_new(SLOTS as usize);
-/// Bit `i` set: slot `i` is taken.
-static IN_USE: Mutex<u16> = Mutex::new(0);
+/// One lock per slot, two slots: at most two API servers run at once.
+static SLOTS: [Mutex<()>; 2] = [Mutex::const_new(()), Mutex::const_new(())];
 
 /// A slot's ports, held until dropped.
 struct Slot {
     index: u16,
-    _permit: SemaphorePermit<'static>,
+    _held: MutexGuard<'static, ()>,
 }
 
 impl Slot {
-    /// Waits for a free slot and takes it.
+    /// Waits for the first slot to be free and takes it.
     async fn take() -> Slot {
-        let permit = FREE_SLOTS.acquire().await.expect("never closed");
-        let mut in_use = IN_USE.lock().unwrap_or_else(|p| p.into_inner());
-        let index = (0..SLOTS)
-            .find(|i| *in_use & (1 << i) == 0)
-            .expect("a permit means a free slot");
-        *in_use |= 1 << index;
+        let locks = SLOTS.iter().map(|slot| Box::pin(slot.lock()));
+        let (held, index, _) = futures_util::future::select_all(locks).await;
         Slot {
-            index,
-            _permit: permit,
+            index: u16::try_from(index).expect("two slots"),
+            _held: held,
         }
     }
 
@@ -69,13 +60,6 @@ impl Slot {
 
     fn etcd_port(&self) -> u16 {
         ETCD_PORT + 2 * self.index
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        // Before the permit, which drops after this.
-        *IN_USE.lock().unwrap_or_else(|p| p.into_inner()) &= !(1 << self.index);
     }
 }
 
