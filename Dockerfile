@@ -14,14 +14,15 @@ COPY . .
 # The protobuf code is generated ahead of time: no protoc is needed. The proxy is built on
 # its own: built with the control plane, it would carry the features the control
 # plane turns on in shared crates (all of tokio's, tracing's log bridge), 0.4 MB
-# more code and 0.3-0.5 MiB more resident memory in every sidecar.
+# more code and 0.3-0.5 MiB more resident memory in every sidecar. Its profile,
+# sidecar, optimises it as one unit (Cargo.toml).
 RUN cargo build --release --locked -p trellis-control-plane --bins \
- && cargo build --release --locked -p trellis-proxy --bins
+ && cargo build --profile sidecar --locked -p trellis-proxy --bins
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/trellis-proxy /src/target/release/trellis-control-plane /usr/local/bin/
+COPY --from=build /src/target/sidecar/trellis-proxy /src/target/release/trellis-control-plane /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["trellis-control-plane"]

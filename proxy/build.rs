@@ -2,10 +2,10 @@
 //! loader reads a few KiB of relocations at start where it read 570 KiB, which
 //! then stayed resident in every sidecar.
 //!
-//! A release build on x86_64 Linux, which rustc links with lld, also lays out the
-//! functions `symbol-order.txt` names first and in its order
-//! (`benches/symbol-order` writes it): the code a sidecar runs then fills a few
-//! hundred contiguous pages instead of touching most of the binary.
+//! A release build (the sidecar profile too) on x86_64 Linux, which rustc links
+//! with lld, also lays out the functions `symbol-order.txt` names first and in its
+//! order (`benches/symbol-order` writes it): the code a sidecar runs then fills a
+//! few hundred contiguous pages instead of touching most of the binary.
 
 fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");

@@ -271,7 +271,7 @@ pub struct RequestKey {
 /// looking a metric up by its labels allocates twice (the label list, then the
 /// registry's copy of the key) on every call.
 pub type RequestMetrics =
-    std::sync::Mutex<std::collections::HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>>;
+    std::sync::Mutex<foldhash::HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>>;
 
 impl RequestKey {
     fn register(&self, direction: &'static str) -> (metrics::Counter, metrics::Histogram) {

@@ -13,9 +13,9 @@
 //! slash (`/api` and `/api/` both match `/api`, `/api/x`, not `/apix`). A route with
 //! no matches matches every request, as a PathPrefix of `/`.
 
+use foldhash::HashMap;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use regex::Regex;
-use std::collections::HashMap;
 use trellis_proto::model::config::{PathMatchType, RouteMatch, ValueMatch, ValueMatchType};
 use trellis_proto::model::regex::full_match;
 

@@ -21,9 +21,10 @@ use crate::{
     upstream::pool::Pool,
 };
 use arc_swap::ArcSwap;
+use foldhash::{HashMap, HashMapExt};
 use http::Request;
 use serde_json::json;
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 use trellis_proto::model::authorization::Authorization;
 use trellis_proto::model::config::{Config, MtlsMode, Route, Service};
 use trellis_proto::model::policy::{Policy, RateLimit as RateLimitConfig};

@@ -16,7 +16,8 @@ use super::{
 };
 use crate::upstream::pool::ConnectionLimit;
 use arc_swap::ArcSwap;
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use foldhash::HashMap;
+use std::{net::SocketAddr, sync::Arc};
 use trellis_proto::model::{
     config::{Endpoint, Workload},
     policy::Policy,

@@ -34,11 +34,12 @@ use backend::{Backend, Destination};
 use balance::{Balance, Balancer};
 use breaker::Breaker;
 use fault::FaultInjector;
+use foldhash::HashMap;
 use rate_limit::RateLimit;
 use retry::{Retry, RetryCounters};
 use split::Split;
 use stage::{Stack, Stage};
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 use timeout::Timeout;
 use trellis_proto::model::{
     config::{Endpoint, Workload},

@@ -17,7 +17,7 @@ use crate::{
     rng::Rng,
     upstream::request_body::{ReplayBody, RequestBody},
 };
-use http::{Method, Request};
+use http::{HeaderName, Method, Request};
 use http_body::Body;
 use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
@@ -173,6 +173,9 @@ impl Drop for ActiveRetry<'_> {
     }
 }
 
+/// Named once: looking a header up by a `&str` parses the name on every call.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// gRPC status codes by number, as they appear in `grpc-status`.
 fn grpc_condition(code: &[u8]) -> Option<RetryOn> {
     match code {
@@ -232,7 +235,7 @@ impl Retry {
         match result {
             Ok(response) => {
                 let status = response.status().as_u16();
-                if let Some(code) = response.headers().get("grpc-status") {
+                if let Some(code) = response.headers().get(&GRPC_STATUS) {
                     if grpc_condition(code.as_bytes()).is_some_and(on) {
                         return true;
                     }
@@ -501,7 +504,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(response.headers().get("grpc-status").is_none());
+        assert!(response.headers().get(&GRPC_STATUS).is_none());
         assert_eq!(upstream.calls(), 2);
     }
 

@@ -7,7 +7,7 @@ use super::{
     pool::{ConnectionLimit, Pool, UpstreamError},
 };
 use crate::shutdown::Drain;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::{net::SocketAddr, sync::Arc};
 use trellis_proto::model::config::Workload;
@@ -87,11 +87,33 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// A header [`strip_hop_by_hop`] removes whatever `Connection` says; a name that
+/// `Connection` lists comes with a `Connection` header.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::TE,
+    ]
+    .contains(&name)
+}
+
 /// Removes the headers that describe one hop rather than the message (RFC 9110
 /// §7.6.1), including any the `Connection` header names. `TE: trailers` is kept,
 /// since gRPC needs it end to end. For an upgrade, `Upgrade` and
 /// `Connection: upgrade` are kept so the next hop switches too.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names, comparing without
+    // hashing, spares the seven lookups below.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.remove(header::CONNECTION) {
         if let Ok(names) = connection.to_str() {
             for name in names.split(',').map(str::trim) {
@@ -104,8 +126,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    headers.remove("proxy-connection");
-    headers.remove("keep-alive");
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(KEEP_ALIVE);
     headers.remove(header::TRANSFER_ENCODING);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -143,6 +165,24 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-end-to-end"]);
+    }
+
+    #[test]
+    fn strips_each_hop_by_hop_header_without_a_connection_header() {
+        for name in [
+            "proxy-connection",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static("gzip"));
+            headers.insert("x-end-to-end", HeaderValue::from_static("kept"));
+            strip_hop_by_hop(&mut headers, false);
+            let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["x-end-to-end"], "{name}");
+        }
     }
 
     #[test]

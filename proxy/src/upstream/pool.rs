@@ -16,6 +16,7 @@
 
 use super::request_body::RequestBody;
 use crate::identity::Identity;
+use foldhash::{HashMap, HashMapExt};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -23,7 +24,6 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,

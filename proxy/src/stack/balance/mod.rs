@@ -23,9 +23,9 @@ use crate::{
     rng::Rng,
     upstream::{forward::forward, pool::Pool},
 };
+use foldhash::HashMap;
 use http::StatusCode;
 use outlier::{Answer, Health, Outlier};
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
