@@ -90,19 +90,16 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
-/// A header [`strip_hop_by_hop`] removes whatever `Connection` says; a name that
+/// The headers [`strip_hop_by_hop`] removes whatever `Connection` says; a name that
 /// `Connection` lists comes with a `Connection` header.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &header::CONNECTION,
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::TE,
-    ]
-    .contains(&name)
-}
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
 
 /// Removes the headers that describe one hop rather than the message (RFC 9110
 /// §7.6.1), including any the `Connection` header names. `TE: trailers` is kept,
@@ -111,7 +108,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the names, comparing without
     // hashing, spares the seven lookups below.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    if !keep_upgrade && !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
     if let Some(connection) = headers.remove(header::CONNECTION) {
