@@ -6,7 +6,8 @@
 //! - [`listen`]: accepts a connection, recovers its original destination, detects
 //!   its protocol, and forwards opaque bytes or hands HTTP on.
 //! - [`http`]: the hyper service; picks the service and route a request takes and
-//!   builds every response the proxy makes itself ([`http::respond`]).
+//!   builds every response the proxy makes itself ([`http::respond`]); closes an
+//!   HTTP/1 connection that is slow to send a request head ([`http::head_wait`]).
 //! - [`routing`]: the immutable table of services, routes and destinations, and
 //!   route matching; a new config is applied to it as a diff.
 //! - [`stack`]: the policy stages in request order, and how a route's and a
@@ -15,11 +16,12 @@
 //! - [`config`]: where config comes from (a file, or the control plane), over
 //!   [`control_plane`], the connection the proxy's [`identity`] is certified over too.
 //! - [`admin`], [`metrics`]: the admin port and what it reports.
-//! - [`settings`], [`shutdown`], [`backoff`], [`rng`]: shared plumbing.
+//! - [`settings`], [`shutdown`], [`alarm`], [`backoff`], [`rng`]: shared plumbing.
 //! - `allocations` (the `count-allocations` feature): a counting allocator for
 //!   `benches/allocations`.
 
 pub mod admin;
+pub mod alarm;
 #[cfg(feature = "count-allocations")]
 pub mod allocations;
 pub mod backoff;

@@ -1,7 +1,12 @@
 //! Graceful shutdown: one signal tells every listener and connection to wind down,
 //! and the process waits (bounded) until all of them have.
 
-use std::time::Duration;
+use crate::alarm::Alarmed;
+use std::{
+    future::{poll_fn, Future},
+    pin::{pin, Pin},
+    time::Duration,
+};
 use tokio::sync::watch;
 
 /// Held by every listener and connection; dropping it says "I am done".
@@ -22,6 +27,30 @@ impl Drain {
         // An error means the trigger is gone, which also means shut down.
         let _ = self.0.wait_for(|draining| *draining).await;
     }
+
+    /// Runs `work` to its end, calling `wind_down` on it once when shutdown
+    /// begins (a graceful close that it then finishes).
+    ///
+    /// The same as selecting over `work` and [`Drain::signaled`], but the drain
+    /// is polled only after it woke the task ([`Alarmed`]).
+    pub async fn wind_down_on_signal<F: Future>(
+        mut self,
+        mut work: Pin<&mut F>,
+        wind_down: impl FnOnce(Pin<&mut F>),
+    ) -> F::Output {
+        let signaled = pin!(self.signaled());
+        let mut signaled = Alarmed::new(signaled);
+        let mut wind_down = Some(wind_down);
+        poll_fn(|cx| {
+            if wind_down.is_some() && signaled.poll_if_rang(cx).is_ready() {
+                if let Some(wind_down) = wind_down.take() {
+                    wind_down(work.as_mut());
+                }
+            }
+            work.as_mut().poll(cx)
+        })
+        .await
+    }
 }
 
 impl Trigger {
@@ -36,6 +65,7 @@ impl Trigger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::{Context, Poll};
 
     #[tokio::test(start_paused = true)]
     async fn waits_for_holders_and_gives_up_at_the_timeout() {
@@ -55,6 +85,51 @@ mod tests {
         assert!(!trigger.drain(Duration::from_secs(5)).await);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         stuck_task.abort();
+    }
+
+    /// Work that counts its polls and, once wound down, finishes on its next poll.
+    struct Work {
+        polls: usize,
+        wound_down: bool,
+    }
+
+    impl Future for Work {
+        type Output = usize;
+        fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<usize> {
+            self.polls += 1;
+            match self.wound_down {
+                true => Poll::Ready(self.polls),
+                false => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_is_wound_down_once_when_shutdown_begins_and_run_to_its_end() {
+        let (trigger, drain) = channel();
+        let task = tokio::spawn(async move {
+            let mut work = pin!(Work {
+                polls: 0,
+                wound_down: false,
+            });
+            let mut calls = 0;
+            let polls = drain
+                .wind_down_on_signal(work.as_mut(), |work| {
+                    calls += 1;
+                    work.get_mut().wound_down = true;
+                })
+                .await;
+            (polls, calls)
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "work ended before shutdown began");
+        assert!(trigger.drain(Duration::from_secs(5)).await);
+        let (polls, calls) = task.await.unwrap();
+        assert_eq!(calls, 1);
+        assert_eq!(
+            polls, 2,
+            "polled once at the start and once after the signal"
+        );
     }
 
     #[tokio::test(start_paused = true)]

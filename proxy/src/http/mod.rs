@@ -7,6 +7,7 @@
 //! connections, in the protocol the client spoke; what the proxy answers itself is
 //! built by [`respond`].
 
+pub mod head_wait;
 pub mod respond;
 
 use crate::{
@@ -16,12 +17,12 @@ use crate::{
     shutdown::Drain,
     stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Req, Routed, Rsp},
     upstream::{
-        body::ResponseBody,
         forward::{forward, is_upgrade},
         pool::Pool,
         request_body::{BodyStalled, ClientBody, RequestBody},
     },
 };
+use head_wait::{served, HeadWait, ServedBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use respond::FLAGS_HEADER;
@@ -62,6 +63,8 @@ pub struct HttpProxy {
     protocol: Protocol,
     /// The connection's hold on shutdown, lent to upgraded streams that outlive it.
     drain: Drain,
+    /// HTTP/1: told when each request head arrives and each response ends.
+    head_wait: Option<Arc<HeadWait>>,
 }
 
 impl HttpProxy {
@@ -72,6 +75,7 @@ impl HttpProxy {
         caller: Option<Arc<Peer>>,
         protocol: Protocol,
         drain: Drain,
+        head_wait: Option<Arc<HeadWait>>,
     ) -> Self {
         HttpProxy {
             shared,
@@ -80,16 +84,20 @@ impl HttpProxy {
             caller,
             protocol,
             drain,
+            head_wait,
         }
     }
 }
 
 impl hyper::service::Service<Request<Incoming>> for HttpProxy {
-    type Response = Response<ResponseBody>;
+    type Response = Response<ServedBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if let Some(wait) = &self.head_wait {
+            wait.head_arrived();
+        }
         Box::pin(self.clone().proxy(req))
     }
 }
@@ -102,7 +110,7 @@ struct Labels {
 }
 
 impl HttpProxy {
-    async fn proxy(self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    async fn proxy(self, req: Request<Incoming>) -> Result<Response<ServedBody>, Infallible> {
         let start = Instant::now();
         let mut labels = Labels::default();
         let log = self
@@ -177,7 +185,7 @@ impl HttpProxy {
                 duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             );
         }
-        Ok(response)
+        Ok(served(response, self.head_wait))
     }
 
     /// Outbound to a named service: its route's stack. Otherwise the original

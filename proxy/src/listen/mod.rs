@@ -9,7 +9,10 @@ pub mod io;
 pub mod tcp;
 
 use crate::{
-    http::{HttpProxy, Shared},
+    http::{
+        head_wait::{HeadDeadline, HeadTimedOut, HeadWait},
+        HttpProxy, Shared,
+    },
     identity::{Credentials, Identity},
     metrics::{
         Direction, CONNECTIONS_REFUSED_TOTAL, HTTP_ERRORS_TOTAL, MTLS_REFUSED_TOTAL,
@@ -27,7 +30,7 @@ use detect::Protocol;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use io::ClientIo;
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_proto::model::{
     authorization::{Call, Peer},
@@ -65,8 +68,8 @@ impl Listener {
         identity: Option<Arc<Identity>>,
     ) -> Arc<Listener> {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+        // `--header-read-timeout` is kept by `HeadDeadline`, not by hyper's timer.
+        h1.header_read_timeout(None::<Duration>)
             .max_buf_size(settings.max_header_bytes.max(8192) as usize);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
@@ -260,66 +263,76 @@ async fn serve_http<I>(
     original_dst: Option<SocketAddr>,
     peer: SocketAddr,
     caller: Option<Arc<Peer>>,
-    mut drain: Drain,
+    drain: Drain,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let direction = state.direction.label();
-    let service = HttpProxy::new(
-        state.http.clone(),
-        original_dst,
-        peer,
-        caller,
-        protocol,
-        drain.clone(),
-    );
+    let service = |head_wait| {
+        HttpProxy::new(
+            state.http.clone(),
+            original_dst,
+            peer,
+            caller,
+            protocol,
+            drain.clone(),
+            head_wait,
+        )
+    };
     if protocol == Protocol::Http2 {
         // Counted only if it floods: nothing is looked up per connection.
         let io = flood::FloodGuard::new(io, direction);
-        let conn = state.h2.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let conn = pin!(state.h2.serve_connection(TokioIo::new(io), service(None)));
+        let result = drain
+            .clone()
+            .wind_down_on_signal(conn, |conn| conn.graceful_shutdown())
+            .await;
         if let Err(error) = result {
             count_http_error(direction, &error);
             tracing::debug!(%error, direction, "HTTP/2 connection ended with an error");
         }
     } else {
+        let wait = HeadWait::new();
+        let limit = state.settings.header_read_timeout;
         let conn = state
             .h1
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection(TokioIo::new(io), service(Some(wait.clone())))
             .with_upgrades();
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        let conn = pin!(conn);
+        let timer = pin!(tokio::time::sleep(limit));
+        let watched = pin!(HeadDeadline::new(conn, wait, limit, timer));
+        let result = drain
+            .clone()
+            .wind_down_on_signal(watched, |watched| {
+                watched.get_mut().conn().graceful_shutdown()
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                count_http_error(direction, &error);
+                tracing::debug!(%error, direction, "HTTP/1 connection ended with an error");
             }
-        };
-        if let Err(error) = result {
-            count_http_error(direction, &error);
-            tracing::debug!(%error, direction, "HTTP/1 connection ended with an error");
+            Err(HeadTimedOut) => {
+                count_http_error_kind(direction, "timeout");
+                tracing::debug!(
+                    direction,
+                    ?limit,
+                    "no request head within --header-read-timeout"
+                );
+            }
         }
     }
 }
 
 /// Counts a connection that ended on a client's protocol error, by kind: what
-/// hyper refused (`malformed`: 400, `too_large`: 431), a request head not sent
-/// within `--header-read-timeout` (`timeout`), an HTTP/2 protocol violation
-/// (`http2`, the connection closed with GOAWAY).
+/// hyper refused (`malformed`: 400, `too_large`: 431), an HTTP/2 protocol
+/// violation (`http2`, the connection closed with GOAWAY).
 fn count_http_error(direction: &'static str, error: &hyper::Error) {
     let kind = if error.is_parse_too_large() {
         "too_large"
     } else if error.is_parse() || error.is_parse_status() {
         "malformed"
-    } else if error.is_timeout() {
-        "timeout"
     } else if std::error::Error::source(error)
         .is_some_and(|source| source.downcast_ref::<h2::Error>().is_some())
     {
@@ -327,6 +340,12 @@ fn count_http_error(direction: &'static str, error: &hyper::Error) {
     } else {
         return;
     };
+    count_http_error_kind(direction, kind);
+}
+
+/// Counts a connection closed for a client's fault: also `timeout`, a request
+/// head not sent within `--header-read-timeout`.
+fn count_http_error_kind(direction: &'static str, kind: &'static str) {
     metrics::counter!(HTTP_ERRORS_TOTAL, "direction" => direction, "kind" => kind).increment(1);
 }
 
