@@ -53,8 +53,19 @@ async fn only_the_lease_holder_writes_status_and_another_replica_takes_over() {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "trellis-system");
     let holder = leases.get("trellis-control-plane").await.unwrap();
     let holder = holder.spec.unwrap().holder_identity.unwrap();
-    let writers: Vec<usize> = replicas.iter().map(writes).collect();
-    let leader = writers.iter().position(|w| *w > 0).expect("someone wrote");
+    // The writer logs its write after the API server has it.
+    let (leader, writers) = until(
+        Duration::from_secs(20),
+        "a replica logs that it wrote status",
+        || async {
+            let writers: Vec<usize> = replicas.iter().map(writes).collect();
+            match writers.iter().position(|w| *w > 0) {
+                Some(leader) => Ok((leader, writers)),
+                None => Err(format!("writes logged: {writers:?}")),
+            }
+        },
+    )
+    .await;
     assert_eq!(
         writers[1 - leader],
         0,
