@@ -122,22 +122,18 @@ pub struct HeadDeadline<'a, C> {
     conn: Pin<&'a mut C>,
     wait: Arc<HeadWait>,
     limit: Duration,
-    timer: Alarmed<Pin<&'a mut Sleep>>,
+    /// Boxed, so the deadline can be moved (one allocation per connection).
+    timer: Alarmed<Pin<Box<Sleep>>>,
 }
 
 impl<'a, C: Future> HeadDeadline<'a, C> {
-    /// `timer` is a sleep of `limit` begun with `wait`.
-    pub fn new(
-        conn: Pin<&'a mut C>,
-        wait: Arc<HeadWait>,
-        limit: Duration,
-        timer: Pin<&'a mut Sleep>,
-    ) -> Self {
+    /// Starts timing with `wait`, which a connection begins by waiting.
+    pub fn new(conn: Pin<&'a mut C>, wait: Arc<HeadWait>, limit: Duration) -> Self {
         HeadDeadline {
             conn,
             wait,
             limit,
-            timer: Alarmed::new(timer),
+            timer: Alarmed::new(Box::pin(tokio::time::sleep(limit))),
         }
     }
 
@@ -183,8 +179,7 @@ mod tests {
     async fn cut_after(wait: Arc<HeadWait>) -> Duration {
         let start = Instant::now();
         let conn = pin!(std::future::pending::<()>());
-        let timer = pin!(tokio::time::sleep(LIMIT));
-        let result = HeadDeadline::new(conn, wait, LIMIT, timer).await;
+        let result = HeadDeadline::new(conn, wait, LIMIT).await;
         assert!(result.is_err());
         start.elapsed()
     }
@@ -216,8 +211,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_ends_first_is_not_cut() {
         let conn = pin!(tokio::time::sleep(Duration::from_secs(3)));
-        let timer = pin!(tokio::time::sleep(LIMIT));
-        let result = HeadDeadline::new(conn, HeadWait::new(), LIMIT, timer).await;
+        let result = HeadDeadline::new(conn, HeadWait::new(), LIMIT).await;
         assert!(result.is_ok());
     }
 }

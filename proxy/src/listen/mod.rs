@@ -284,7 +284,6 @@ async fn serve_http<I>(
         let io = flood::FloodGuard::new(io, direction);
         let conn = pin!(state.h2.serve_connection(TokioIo::new(io), service(None)));
         let result = drain
-            .clone()
             .wind_down_on_signal(conn, |conn| conn.graceful_shutdown())
             .await;
         if let Err(error) = result {
@@ -299,10 +298,8 @@ async fn serve_http<I>(
             .serve_connection(TokioIo::new(io), service(Some(wait.clone())))
             .with_upgrades();
         let conn = pin!(conn);
-        let timer = pin!(tokio::time::sleep(limit));
-        let watched = pin!(HeadDeadline::new(conn, wait, limit, timer));
+        let watched = pin!(HeadDeadline::new(conn, wait, limit));
         let result = drain
-            .clone()
             .wind_down_on_signal(watched, |watched| {
                 watched.get_mut().conn().graceful_shutdown()
             })
