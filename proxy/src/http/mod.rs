@@ -22,6 +22,7 @@ use crate::{
         request_body::{BodyStalled, ClientBody, RequestBody},
     },
 };
+use futures_util::{future::Either, FutureExt};
 use head_wait::{served, HeadWait, ServedBody};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -31,7 +32,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 use trellis_proto::model::authorization::{Call, Peer};
@@ -94,25 +98,16 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
+    /// Routes the request at once and boxes one future: the dispatch under the
+    /// response-headers deadline, then [`Answer::respond`]. Combinators rather
+    /// than an `async fn`, which would carry the request in its future again
+    /// beside the copy the upstream send holds, and push that future past the
+    /// allocator's per-thread cache (1 KiB).
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         if let Some(wait) = &self.head_wait {
             wait.head_arrived();
         }
-        Box::pin(self.clone().proxy(req))
-    }
-}
-
-/// The bounded labels a request is counted under.
-#[derive(Default)]
-struct Labels {
-    service: Option<Arc<str>>,
-    route: Option<Arc<str>>,
-}
-
-impl HttpProxy {
-    async fn proxy(self, req: Request<Incoming>) -> Result<Response<ServedBody>, Infallible> {
         let start = Instant::now();
-        let mut labels = Labels::default();
         let log = self
             .shared
             .access_log
@@ -130,10 +125,64 @@ impl HttpProxy {
             parts.extensions.insert(self.drain.clone());
         }
         let req = Request::from_parts(parts, RequestBody::Incoming(body));
+        let mut labels = Labels::default();
+        let dispatched = self.dispatch(req, &mut labels);
+        let answer = Answer {
+            shared: self.shared.clone(),
+            protocol: self.protocol,
+            client: self.client,
+            head_wait: self.head_wait.clone(),
+            start,
+            labels,
+            log,
+            grpc,
+            stalled,
+        };
         let limit = self.shared.response_headers_timeout;
-        let result = match tokio::time::timeout(limit, self.dispatch(req, &mut labels)).await {
+        Box::pin(
+            tokio::time::timeout(limit, dispatched)
+                .map(move |result| Ok(answer.respond(result.map_err(|_| limit)))),
+        )
+    }
+}
+
+/// The bounded labels a request is counted under.
+#[derive(Default)]
+struct Labels {
+    service: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+}
+
+/// What a request's response needs once its dispatch is over.
+struct Answer {
+    shared: Arc<Shared>,
+    protocol: Protocol,
+    client: SocketAddr,
+    head_wait: Option<Arc<HeadWait>>,
+    start: Instant,
+    labels: Labels,
+    /// Method and path, kept for the access log when it is on.
+    log: Option<(http::Method, String)>,
+    grpc: bool,
+    /// Set when the client's body was cut for stalling.
+    stalled: Option<Arc<AtomicBool>>,
+}
+
+impl Answer {
+    /// The response to send downstream: the upstream's, or the proxy's own for a
+    /// failure (`Err(limit)`: no response headers within `limit`); counted, logged.
+    fn respond(
+        self,
+        dispatched: Result<Result<Routed, Failure>, Duration>,
+    ) -> Response<ServedBody> {
+        let result = match dispatched {
             // However the upstream request failed, a body cut for stalling is why.
-            Err(_) | Ok(Err(_)) if stalled.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) => {
+            Err(_) | Ok(Err(_))
+                if self
+                    .stalled
+                    .as_ref()
+                    .is_some_and(|s| s.load(Ordering::Relaxed)) =>
+            {
                 Err(Failure::local(
                     StatusCode::REQUEST_TIMEOUT,
                     Flags::SI,
@@ -141,7 +190,7 @@ impl HttpProxy {
                 ))
             }
             Ok(result) => result,
-            Err(_) => Err(Failure::local(
+            Err(limit) => Err(Failure::local(
                 StatusCode::GATEWAY_TIMEOUT,
                 Flags::UT,
                 format!("no response headers within {limit:?} (--response-headers-timeout)"),
@@ -153,14 +202,18 @@ impl HttpProxy {
                 if failure.kind != FailureKind::Local {
                     tracing::warn!(
                         direction = self.shared.direction.label(),
-                        service = labels.service.as_deref().unwrap_or(""),
+                        service = self.labels.service.as_deref().unwrap_or(""),
                         error = %failure.message,
                         flags = failure.flags.label(),
                         "upstream request failed"
                     );
                 }
                 let backend = failure.backend.clone();
-                (respond::failure(&failure, grpc), failure.flags, backend)
+                (
+                    respond::failure(&failure, self.grpc),
+                    failure.flags,
+                    backend,
+                )
             }
         };
         if !flags.is_empty() {
@@ -168,8 +221,8 @@ impl HttpProxy {
                 .headers_mut()
                 .insert(FLAGS_HEADER, HeaderValue::from_static(flags.label()));
         }
-        self.record(&labels, backend.as_ref(), &response, flags, start);
-        if let Some((method, path)) = log {
+        self.record(backend.as_ref(), &response, flags);
+        if let Some((method, path)) = &self.log {
             tracing::info!(
                 target: "access",
                 direction = self.shared.direction.label(),
@@ -177,76 +230,22 @@ impl HttpProxy {
                 client = %self.client,
                 method = %method,
                 path,
-                service = labels.service.as_deref().unwrap_or(""),
-                route = labels.route.as_deref().unwrap_or(""),
+                service = self.labels.service.as_deref().unwrap_or(""),
+                route = self.labels.route.as_deref().unwrap_or(""),
                 backend = backend.as_deref().unwrap_or(""),
                 status = response.status().as_u16(),
                 flags = flags.label(),
-                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
             );
         }
-        Ok(served(response, self.head_wait))
+        served(response, self.head_wait)
     }
 
-    /// Outbound to a named service: its route's stack. Otherwise the original
-    /// destination, after the inbound port's rate limit.
-    async fn dispatch(&self, mut req: Req, labels: &mut Labels) -> Result<Routed, Failure> {
-        let table = self.shared.table.load_full();
-        if self.shared.direction == Direction::Outbound {
-            // A service named by the authority, or dialled by its cluster IP.
-            let named = authority(&req).and_then(|a| table.lookup(a));
-            let dialled = || self.original_dst.and_then(|d| table.lookup_addr(&d));
-            if let Some(target) = named.or_else(dialled) {
-                labels.service = Some(target.label.clone());
-                let Some(route) = target.route(&req) else {
-                    return Err(Failure::local(
-                        StatusCode::NOT_FOUND,
-                        Flags::NR,
-                        format!("no route of {} matches the request", target.label),
-                    ));
-                };
-                labels.route = Some(route.name.clone());
-                if route.needs_client_addr {
-                    req.extensions_mut().insert(ClientAddr(self.client));
-                }
-                return route.stack.call(req).await;
-            }
-        }
-        let Some(addr) = self.original_dst else {
-            return Err(Failure::local(
-                StatusCode::NOT_FOUND,
-                Flags::NR,
-                "no original destination and no service named by the request's authority",
-            ));
-        };
-        if self.shared.direction == Direction::Inbound {
-            let call = Call::Http {
-                method: req.method(),
-                path: req.uri().path(),
-            };
-            authorize(&table, addr.port(), self.caller.as_deref(), call)?;
-            if let Some(limit) = table.inbound_limit(addr.port()) {
-                limit.admit(&req)?;
-            }
-        }
-        forward(&self.shared.pool, addr, req, None, None)
-            .await
-            .map(Routed::from)
-            .map_err(|error| Failure::upstream(&error, None, addr))
-    }
-
-    fn record(
-        &self,
-        labels: &Labels,
-        backend: Option<&Arc<str>>,
-        response: &Rsp,
-        flags: Flags,
-        start: Instant,
-    ) {
+    fn record(&self, backend: Option<&Arc<str>>, response: &Rsp, flags: Flags) {
         let key = RequestKey {
             protocol: self.protocol.label(),
-            service: labels.service.clone(),
-            route: labels.route.clone(),
+            service: self.labels.service.clone(),
+            route: self.labels.route.clone(),
             backend: backend.cloned(),
             code: response.status().as_u16(),
             flags,
@@ -260,7 +259,71 @@ impl HttpProxy {
             .entry(key)
             .or_insert_with_key(|key| key.register(self.shared.direction.label()));
         requests.increment(1);
-        duration.record(start.elapsed().as_secs_f64());
+        duration.record(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl HttpProxy {
+    /// Outbound to a named service: its route's stack. Otherwise the original
+    /// destination, after the inbound port's rate limit. The route is chosen here,
+    /// before anything is awaited; the future only waits for the answer.
+    fn dispatch(
+        &self,
+        mut req: Req,
+        labels: &mut Labels,
+    ) -> impl Future<Output = Result<Routed, Failure>> + Send + 'static {
+        let refuse = |failure| Either::Right(Either::Right(std::future::ready(Err(failure))));
+        let table = self.shared.table.load();
+        if self.shared.direction == Direction::Outbound {
+            // A service named by the authority, or dialled by its cluster IP.
+            let named = authority(&req).and_then(|a| table.lookup(a));
+            let dialled = || self.original_dst.and_then(|d| table.lookup_addr(&d));
+            if let Some(target) = named.or_else(dialled) {
+                labels.service = Some(target.label.clone());
+                let Some(route) = target.route(&req) else {
+                    return refuse(Failure::local(
+                        StatusCode::NOT_FOUND,
+                        Flags::NR,
+                        format!("no route of {} matches the request", target.label),
+                    ));
+                };
+                labels.route = Some(route.name.clone());
+                if route.needs_client_addr {
+                    req.extensions_mut().insert(ClientAddr(self.client));
+                }
+                // The route, and the destinations its stack sends to, live as long
+                // as its requests, whatever config version comes next.
+                let route = route.clone();
+                return Either::Left(async move { route.stack.call(req).await });
+            }
+        }
+        let Some(addr) = self.original_dst else {
+            return refuse(Failure::local(
+                StatusCode::NOT_FOUND,
+                Flags::NR,
+                "no original destination and no service named by the request's authority",
+            ));
+        };
+        if self.shared.direction == Direction::Inbound {
+            let call = Call::Http {
+                method: req.method(),
+                path: req.uri().path(),
+            };
+            if let Err(refused) = authorize(&table, addr.port(), self.caller.as_deref(), call) {
+                return refuse(refused);
+            }
+            if let Some(limit) = table.inbound_limit(addr.port()) {
+                if let Err(limited) = limit.admit(&req) {
+                    return refuse(limited);
+                }
+            }
+        }
+        let sent = forward(self.shared.pool.clone(), addr, req, None, None);
+        Either::Right(Either::Left(sent.map(move |result| {
+            result
+                .map(Routed::from)
+                .map_err(|error| Failure::upstream(&error, None, addr))
+        })))
     }
 }
 

@@ -79,9 +79,9 @@ impl PartialEq for Built {
 
 impl Target {
     /// The route a request takes; `None` is "no route" (404 `NR`).
-    pub fn route<B>(&self, req: &Request<B>) -> Option<&RoutePlan> {
+    pub fn route<B>(&self, req: &Request<B>) -> Option<&Arc<RoutePlan>> {
         let index = self.router.find(req.method(), req.uri(), req.headers())?;
-        self.routes.get(index).map(|plan| &**plan)
+        self.routes.get(index)
     }
 }
 
@@ -499,7 +499,7 @@ mod tests {
 
     fn same_route(a: &RouteTable, b: &RouteTable, authority: &str) -> bool {
         let req = get(authority);
-        let route = |t: &RouteTable| t.lookup(authority).unwrap().route(&req).unwrap() as *const _;
+        let route = |t: &RouteTable| Arc::as_ptr(t.lookup(authority).unwrap().route(&req).unwrap());
         std::ptr::eq(route(a), route(b))
     }
 
@@ -678,7 +678,7 @@ mod tests {
             .lookup("reviews.default:8080")
             .unwrap()
             .route(&get("reviews.default:8080"));
-        assert!(std::ptr::eq(
+        assert!(Arc::ptr_eq(
             target.route(&on_path).unwrap(),
             before.unwrap()
         ));

@@ -11,6 +11,7 @@ use super::{
     outcome::{BoxFuture, Failure, Flags, Req, Routed},
     stage::{Next, Stage},
 };
+use futures_util::FutureExt;
 use http::StatusCode;
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -74,25 +75,24 @@ impl Drop for Pending<'_> {
 
 impl Stage for Breaker {
     fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
-        let permit = self.slots.clone().try_acquire_owned().ok();
-        let pending = match permit {
-            Some(_) => None,
-            None => match self.wait_in_line() {
-                Some(place) => Some(place),
+        let pending = match self.slots.clone().try_acquire_owned() {
+            // A slot at once: held beside the inner stages' future until it ends.
+            Ok(permit) => {
+                return Box::pin(next.call(req).map(move |result| {
+                    drop(permit);
+                    result
+                }))
+            }
+            Err(_) => match self.wait_in_line() {
+                Some(place) => place,
                 None => return Box::pin(std::future::ready(Err(self.overflow()))),
             },
         };
         Box::pin(async move {
-            let _permit = match permit {
-                Some(permit) => permit,
-                None => {
-                    let waited = self.slots.clone().acquire_owned().await;
-                    drop(pending);
-                    match waited {
-                        Ok(permit) => permit,
-                        Err(_) => return Err(self.overflow()),
-                    }
-                }
+            let waited = self.slots.clone().acquire_owned().await;
+            drop(pending);
+            let Ok(_permit) = waited else {
+                return Err(self.overflow());
             };
             next.call(req).await
         })

@@ -295,42 +295,50 @@ impl Stage for Retry {
             let mut retries = 0u32;
             let mut avoid = None;
             let mut active: Option<ActiveRetry<'_>> = None;
+            // The request and each result live in blocks that end before the next
+            // wait, so the future keeps neither across it (it stays in the
+            // allocator's per-thread cache).
             loop {
-                let Some(this_body) = next_body.take() else {
-                    return Err(no_body());
+                let attempt = {
+                    let Some(this_body) = next_body.take() else {
+                        return Err(no_body());
+                    };
+                    let mut req = Request::from_parts(parts.clone(), this_body);
+                    if let Some(addr) = avoid {
+                        req.extensions_mut().insert(Avoid(addr));
+                    }
+                    next.call(req)
                 };
-                let mut req = Request::from_parts(parts.clone(), this_body);
-                if let Some(addr) = avoid {
-                    req.extensions_mut().insert(Avoid(addr));
-                }
-                let mut result = next.call(req).await;
-                // The retry (if this was one) is over.
-                active.take();
-                if !self.wants_retry(&result) {
-                    return result;
-                }
-                if retries >= self.attempts {
-                    flag_result(&mut result, Flags::URX);
-                    return result;
-                }
-                next_body = body_copy(&body);
-                if next_body.is_none() {
-                    return result;
-                }
-                if !self.budget.try_withdraw() {
-                    self.counters.budget_exhausted.increment(1);
-                    flag_result(&mut result, Flags::URX);
-                    return result;
-                }
-                active = self.start_retry();
-                if active.is_none() {
-                    self.counters.overflow.increment(1);
-                    flag_result(&mut result, Flags::URX);
-                    return result;
-                }
-                avoid = endpoint_of(&result);
-                drop(result);
-                tokio::time::sleep(backoff(self.base, self.max, retries, &self.rng)).await;
+                let delay = {
+                    let mut result = attempt.await;
+                    // The retry (if this was one) is over.
+                    active.take();
+                    if !self.wants_retry(&result) {
+                        return result;
+                    }
+                    if retries >= self.attempts {
+                        flag_result(&mut result, Flags::URX);
+                        return result;
+                    }
+                    next_body = body_copy(&body);
+                    if next_body.is_none() {
+                        return result;
+                    }
+                    if !self.budget.try_withdraw() {
+                        self.counters.budget_exhausted.increment(1);
+                        flag_result(&mut result, Flags::URX);
+                        return result;
+                    }
+                    active = self.start_retry();
+                    if active.is_none() {
+                        self.counters.overflow.increment(1);
+                        flag_result(&mut result, Flags::URX);
+                        return result;
+                    }
+                    avoid = endpoint_of(&result);
+                    backoff(self.base, self.max, retries, &self.rng)
+                };
+                tokio::time::sleep(delay).await;
                 self.counters.retries.increment(1);
                 retries += 1;
             }

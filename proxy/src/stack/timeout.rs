@@ -6,18 +6,20 @@ use super::{
     outcome::{BoxFuture, Failure, Req, Routed},
     stage::{Next, Stage},
 };
+use futures_util::FutureExt;
 use std::time::Duration;
 
 pub struct Timeout(pub Duration);
 
 impl Stage for Timeout {
     fn call<'a>(&'a self, req: Req, next: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
-        Box::pin(async move {
-            match tokio::time::timeout(self.0, next.call(req)).await {
-                Ok(result) => result,
-                Err(_) => Err(Failure::timeout(self.0)),
-            }
-        })
+        // A combinator, not an `async` block, which would keep the request beside
+        // the inner stage's future.
+        let limit = self.0;
+        Box::pin(
+            tokio::time::timeout(limit, next.call(req))
+                .map(move |result| result.unwrap_or_else(|_| Err(Failure::timeout(limit)))),
+        )
     }
 }
 

@@ -7,9 +7,10 @@ use super::{
     pool::{ConnectionLimit, Pool, UpstreamError},
 };
 use crate::shutdown::Drain;
+use futures_util::{future::Either, FutureExt};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::{net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 use trellis_proto::model::config::Workload;
 
 /// Sends a request to `addr` on a pooled connection of the request's protocol,
@@ -19,38 +20,47 @@ use trellis_proto::model::config::Workload;
 /// mTLS that proves it. `connections` is the destination's `maxConnections`, when it has one: a new
 /// connection beyond it is refused. An upgraded stream holds the request's
 /// [`Drain`] (if it carried one), so shutdown waits for it as for opaque TCP.
-pub async fn forward(
-    pool: &Arc<Pool>,
+///
+/// Built from combinators around the pool's future rather than as an `async fn`,
+/// which would keep another copy of the request in every request's future.
+pub fn forward<'a>(
+    pool: Arc<Pool>,
     addr: SocketAddr,
     mut req: Req,
-    connections: Option<&ConnectionLimit>,
-    peer: Option<&Workload>,
-) -> Result<Rsp, UpstreamError> {
+    connections: Option<&'a ConnectionLimit>,
+    peer: Option<&'a Workload>,
+) -> impl Future<Output = Result<Rsp, UpstreamError>> + Send + 'a {
     if req.version() == http::Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), false);
-        let mut response = pool.send_h2(addr, req, connections, peer).await?;
-        strip_hop_by_hop(response.headers_mut(), false);
-        return Ok(response.map(|body| ResponseBody::Upstream { body, lease: None }));
+        let sent = pool.send_h2(addr, req, connections, peer);
+        return Either::Left(sent.map(|result| {
+            let mut response = result?;
+            strip_hop_by_hop(response.headers_mut(), false);
+            Ok(response.map(|body| ResponseBody::Upstream { body, lease: None }))
+        }));
     }
 
     let upgrade = is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let drain = req.extensions_mut().remove::<Drain>();
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let (mut response, lease) = pool.send_h1(addr, req, connections, peer).await?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(downstream) = downstream_upgrade {
-            strip_hop_by_hop(response.headers_mut(), true);
-            splice_upgrade(downstream, hyper::upgrade::on(&mut response), drain);
-            // The upstream connection now belongs to the upgraded stream.
-            drop(lease);
-            return Ok(response.map(|_| ResponseBody::empty()));
+    let sent = pool.send_h1(addr, req, connections, peer);
+    Either::Right(sent.map(move |result| {
+        let (mut response, lease) = result?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(downstream) = downstream_upgrade {
+                strip_hop_by_hop(response.headers_mut(), true);
+                splice_upgrade(downstream, hyper::upgrade::on(&mut response), drain);
+                // The upstream connection now belongs to the upgraded stream.
+                drop(lease);
+                return Ok(response.map(|_| ResponseBody::empty()));
+            }
         }
-    }
-    strip_hop_by_hop(response.headers_mut(), false);
-    Ok(response.map(|body| ResponseBody::Upstream {
-        body,
-        lease: Some(lease),
+        strip_hop_by_hop(response.headers_mut(), false);
+        Ok(response.map(|body| ResponseBody::Upstream {
+            body,
+            lease: Some(lease),
+        }))
     }))
 }
 

@@ -17,6 +17,7 @@
 use super::request_body::RequestBody;
 use crate::identity::Identity;
 use foldhash::{HashMap, HashMapExt};
+use futures_util::{future::Either, FutureExt};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
@@ -24,6 +25,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -277,10 +279,18 @@ impl Pool {
         Ok(stream)
     }
 
-    /// Takes an idle HTTP/1 connection that is still usable, if there is one.
-    async fn checkout_h1(&self, key: Key) -> Option<http1::SendRequest<RequestBody>> {
+    /// Takes an idle HTTP/1 connection that is still usable, if there is one:
+    /// `first` (already taken from the pool), then the others.
+    async fn checkout_h1(
+        &self,
+        key: Key,
+        mut first: Option<http1::SendRequest<RequestBody>>,
+    ) -> Option<http1::SendRequest<RequestBody>> {
         loop {
-            let mut sender = lock(&self.h1_idle).get_mut(&key)?.pop()?;
+            let mut sender = match first.take() {
+                Some(sender) => sender,
+                None => lock(&self.h1_idle).get_mut(&key)?.pop()?,
+            };
             // Ready at once if idle; waits out a response the server is finishing;
             // fails if the server closed it.
             if sender.ready().await.is_ok() {
@@ -325,28 +335,77 @@ impl Pool {
 
     /// Sends an HTTP/1 request; the lease must be released once the response body
     /// has been read to its end (or dropped, which closes the connection).
-    pub async fn send_h1(
-        self: &Arc<Self>,
+    ///
+    /// Usually an idle connection is ready: the request is handed to it here, and
+    /// the future only waits for the response. It is built from combinators, not
+    /// as an `async fn`, which would keep the request in the future twice more:
+    /// every request's future stays small enough for the allocator's per-thread
+    /// cache (1 KiB). Anything else (a connection to make, or to wait for) takes
+    /// the boxed [`Pool::send_h1_waiting`].
+    pub fn send_h1<'a>(
+        self: Arc<Self>,
         addr: SocketAddr,
+        req: Request<RequestBody>,
+        limit: Option<&'a ConnectionLimit>,
+        peer: Option<&'a Workload>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), UpstreamError>> + Send + 'a {
+        let key = self.key(addr, peer);
+        let idle = lock(&self.h1_idle).get_mut(&key).and_then(Vec::pop);
+        match idle {
+            Some(mut sender) if sender.is_ready() => {
+                let sent = sender.try_send_request(req);
+                Either::Left(sent.then(move |result| match result {
+                    Ok(response) => {
+                        let lease = Lease {
+                            pool: self,
+                            key,
+                            sender,
+                        };
+                        Either::Left(std::future::ready(Ok((response, lease))))
+                    }
+                    Err(mut error) => match error.take_message() {
+                        // Closed while idle, before any of the request was written:
+                        // safe to send again, on another connection.
+                        Some(unsent) => Either::Right(Box::pin(
+                            self.send_h1_waiting(addr, key, unsent, limit, peer, None),
+                        )),
+                        None => Either::Left(std::future::ready(Err(UpstreamError::Reset {
+                            addr,
+                            source: error.into_error(),
+                        }))),
+                    },
+                }))
+            }
+            idle => Either::Right(Box::pin(
+                self.send_h1_waiting(addr, key, req, limit, peer, idle),
+            )),
+        }
+    }
+
+    /// [`Pool::send_h1`] when no idle connection was ready: waits for `idle`, or
+    /// another pooled connection, to be, or connects.
+    async fn send_h1_waiting(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        key: Key,
         mut req: Request<RequestBody>,
         limit: Option<&ConnectionLimit>,
         peer: Option<&Workload>,
+        mut idle: Option<http1::SendRequest<RequestBody>>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        let key = self.key(addr, peer);
         loop {
-            let (mut sender, reused) = match self.checkout_h1(key).await {
+            let (mut sender, reused) = match self.checkout_h1(key, idle.take()).await {
                 Some(sender) => (sender, true),
                 None => {
                     let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
-                    // Boxed: the connect and TLS handshake states would otherwise
-                    // make every request's future kilobytes larger.
+                    // Boxed: the connect and TLS handshake states are kilobytes.
                     (Box::pin(self.connect_h1(addr, tls, limit)).await?, false)
                 }
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     let lease = Lease {
-                        pool: self.clone(),
+                        pool: self,
                         key,
                         sender,
                     };
@@ -366,21 +425,45 @@ impl Pool {
         }
     }
 
-    /// Sends an HTTP/2 request on the endpoint's shared connection.
-    pub async fn send_h2(
-        &self,
+    /// Sends an HTTP/2 request on the endpoint's shared connection. As with
+    /// [`Pool::send_h1`], a connection that is ready takes the request here;
+    /// making one, or waiting for it, is boxed apart.
+    pub fn send_h2<'a>(
+        self: Arc<Self>,
         addr: SocketAddr,
+        req: Request<RequestBody>,
+        limit: Option<&'a ConnectionLimit>,
+        peer: Option<&'a Workload>,
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'a {
+        let key = self.key(addr, peer);
+        let existing = lock(&self.h2).get(&key).filter(|s| !s.is_closed()).cloned();
+        match existing {
+            Some(mut sender) if sender.is_ready() => {
+                Either::Left(sender.send_request(req).map(move |result| {
+                    result.map_err(|source| UpstreamError::Reset { addr, source })
+                }))
+            }
+            existing => Either::Right(Box::pin(
+                self.send_h2_waiting(addr, key, req, limit, peer, existing),
+            )),
+        }
+    }
+
+    /// [`Pool::send_h2`] when the connection was not ready, or there was none.
+    async fn send_h2_waiting(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        key: Key,
         req: Request<RequestBody>,
         limit: Option<&ConnectionLimit>,
         peer: Option<&Workload>,
+        existing: Option<http2::SendRequest<RequestBody>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = self.key(addr, peer);
-        let existing = lock(&self.h2).get(&key).filter(|s| !s.is_closed()).cloned();
         let mut sender = match existing {
             Some(sender) => sender,
             None => {
                 let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP2)?;
-                // Boxed, as in `send_h1`.
+                // Boxed, as in `send_h1_waiting`.
                 let sender = Box::pin(self.connect_h2(addr, tls, limit)).await?;
                 lock(&self.h2).insert(key, sender.clone());
                 sender
@@ -485,11 +568,15 @@ mod tests {
         let (addr, connections) = server().await;
         let pool = Pool::new(Duration::from_secs(5));
         let limit = ConnectionLimit::new(1, "web.default:80".into());
-        let (first, lease) = pool.send_h1(addr, get(), Some(&limit), None).await.unwrap();
+        let (first, lease) = pool
+            .clone()
+            .send_h1(addr, get(), Some(&limit), None)
+            .await
+            .unwrap();
         assert_eq!(first.status(), 200);
 
         // The one connection is lent out: a second request would need another.
-        let Err(refused) = pool.send_h1(addr, get(), Some(&limit), None).await else {
+        let Err(refused) = pool.clone().send_h1(addr, get(), Some(&limit), None).await else {
             panic!("a second connection was opened");
         };
         assert!(refused.is_overflow(), "{refused}");
@@ -501,13 +588,78 @@ mod tests {
         // Once it is back in the pool, the next request takes it.
         drop(first);
         lease.release();
-        let (again, _lease) = pool.send_h1(addr, get(), Some(&limit), None).await.unwrap();
+        let (again, _lease) = pool
+            .clone()
+            .send_h1(addr, get(), Some(&limit), None)
+            .await
+            .unwrap();
         assert_eq!(again.status(), 200);
         assert_eq!(connections.load(Ordering::SeqCst), 1);
 
         // Without a limit the same pool opens as many as it needs.
-        let (_a, _la) = pool.send_h1(addr, get(), None, None).await.unwrap();
-        let (_b, _lb) = pool.send_h1(addr, get(), None, None).await.unwrap();
+        let (_a, _la) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        let (_b, _lb) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 3);
+    }
+
+    /// An HTTP/1 server on loopback that answers one request per connection and,
+    /// once `close` is notified, closes it without having said so (no `Connection:
+    /// close`), as a server does when its keep-alive timeout ends; counts connections.
+    async fn closing_server(close: Arc<tokio::sync::Notify>) -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                close.notified().await;
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closed_is_passed_over_for_a_new_one() {
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (addr, connections) = closing_server(close.clone()).await;
+        let pool = Pool::new(Duration::from_secs(5));
+        let (first, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        assert_eq!(first.status(), 200);
+        http_body_util::BodyExt::collect(first.into_body())
+            .await
+            .unwrap();
+        lease.release();
+        assert_eq!(lock(&pool.h1_idle).values().flatten().count(), 1);
+        close.notify_one();
+        // Wait (bounded) until the pooled connection has seen the server close it.
+        let closed = async {
+            while !lock(&pool.h1_idle)
+                .values()
+                .flatten()
+                .all(|s| s.is_closed())
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the idle connection never saw the server close it");
+
+        let (second, _lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        assert_eq!(second.status(), 200);
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
 }

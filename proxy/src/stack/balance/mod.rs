@@ -24,6 +24,7 @@ use crate::{
     upstream::{forward::forward, pool::Pool},
 };
 use foldhash::HashMap;
+use futures_util::FutureExt;
 use http::StatusCode;
 use outlier::{Answer, Health, Outlier};
 use std::fmt;
@@ -407,48 +408,55 @@ impl Balance {
 }
 
 impl Stage for Balance {
+    /// The endpoint is picked before the future is made, so the future holds the
+    /// upstream send alone and not the request beside it.
     fn call<'a>(&'a self, req: Req, _: Next<'a>) -> BoxFuture<'a, Result<Routed, Failure>> {
-        Box::pin(async move {
-            let backend = &self.balancer.0.label;
-            let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
-            let Some(pick) = self.balancer.pick(self.hash(&req), avoid) else {
-                return Err(Failure {
-                    backend: Some(backend.clone()),
-                    ..Failure::local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flags::UH,
-                        format!("backend {backend} has no endpoints"),
-                    )
+        let backend = &self.balancer.0.label;
+        let avoid = req.extensions().get::<Avoid>().map(|a| a.0);
+        let Some(pick) = self.balancer.pick(self.hash(&req), avoid) else {
+            return Box::pin(std::future::ready(Err(Failure {
+                backend: Some(backend.clone()),
+                ..Failure::local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flags::UH,
+                    format!("backend {backend} has no endpoints"),
+                )
+            })));
+        };
+        let addr = pick.addr();
+        let peer = self.identities.get(&addr);
+        let sent = forward(
+            self.pool.clone(),
+            addr,
+            req,
+            self.connections.as_deref(),
+            peer,
+        );
+        Box::pin(sent.map(move |result| match result {
+            Ok(response) => {
+                pick.finish(match response.status().as_u16() {
+                    502..=504 => Answer::GatewayError,
+                    500..=599 => Answer::Error5xx,
+                    _ => Answer::Success,
                 });
-            };
-            let addr = pick.addr();
-            let peer = self.identities.get(&addr);
-            match forward(&self.pool, addr, req, self.connections.as_deref(), peer).await {
-                Ok(response) => {
-                    pick.finish(match response.status().as_u16() {
-                        502..=504 => Answer::GatewayError,
-                        500..=599 => Answer::Error5xx,
-                        _ => Answer::Success,
-                    });
-                    Ok(Routed {
-                        response,
-                        outcome: Outcome {
-                            flags: Flags::NONE,
-                            backend: Some(backend.clone()),
-                            endpoint: Some(addr),
-                        },
-                    })
-                }
-                Err(error) => {
-                    // Over the destination's own connection limit says nothing of
-                    // the endpoint's health.
-                    if !error.is_overflow() {
-                        pick.finish(Answer::GatewayError);
-                    }
-                    Err(Failure::upstream(&error, Some(backend), addr))
-                }
+                Ok(Routed {
+                    response,
+                    outcome: Outcome {
+                        flags: Flags::NONE,
+                        backend: Some(backend.clone()),
+                        endpoint: Some(addr),
+                    },
+                })
             }
-        })
+            Err(error) => {
+                // Over the destination's own connection limit says nothing of
+                // the endpoint's health.
+                if !error.is_overflow() {
+                    pick.finish(Answer::GatewayError);
+                }
+                Err(Failure::upstream(&error, Some(backend), addr))
+            }
+        }))
     }
 }
 
