@@ -8,7 +8,9 @@
 //! second: opaque TCP to a cluster IP, each connection a new mesh mTLS handshake
 //! when meshed.
 //!
-//! With the argument `allocations` (`benches/allocations`), it counts instead
+//! With `rounds` (`benches/run rounds`), it measures the max rate of direct, the
+//! pair and the full policy stack in alternating rounds, for the two ratios the
+//! targets name. With the argument `allocations` (`benches/allocations`), it counts instead
 //! the heap allocations each sidecar makes per request. With `throughput`
 //! (`benches/run throughput`), it measures opaque TCP instead: bytes per second
 //! echoed through no, one and two sidecars, and each sidecar's CPU per GB.
@@ -33,6 +35,7 @@ use trellis_tests::{
 mod allocations;
 mod load;
 mod memory;
+mod rounds;
 mod throughput;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -389,6 +392,10 @@ async fn main() {
     if std::env::args().nth(1).as_deref() == Some("memory") {
         println!("A sidecar's resident memory once it holds its control plane's mesh (idle, after the first version)\n");
         memory::memory().await;
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("rounds") {
+        rounds::report().await;
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("throughput") {
