@@ -383,7 +383,8 @@ impl Pool {
     }
 
     /// [`Pool::send_h1`] when no idle connection was ready: waits for `idle`, or
-    /// another pooled connection, to be, or connects.
+    /// another pooled connection, to be, or connects. Its caller boxes it, so the
+    /// connect and TLS handshake states (kilobytes) are paid only on this path.
     async fn send_h1_waiting(
         self: Arc<Self>,
         addr: SocketAddr,
@@ -398,8 +399,7 @@ impl Pool {
                 Some(sender) => (sender, true),
                 None => {
                     let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
-                    // Boxed: the connect and TLS handshake states are kilobytes.
-                    (Box::pin(self.connect_h1(addr, tls, limit)).await?, false)
+                    (self.connect_h1(addr, tls, limit).await?, false)
                 }
             };
             match sender.try_send_request(req).await {
@@ -463,8 +463,7 @@ impl Pool {
             Some(sender) => sender,
             None => {
                 let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP2)?;
-                // Boxed, as in `send_h1_waiting`.
-                let sender = Box::pin(self.connect_h2(addr, tls, limit)).await?;
+                let sender = self.connect_h2(addr, tls, limit).await?;
                 lock(&self.h2).insert(key, sender.clone());
                 sender
             }
