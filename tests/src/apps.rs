@@ -73,6 +73,18 @@ impl App {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
+
+    /// Waits, at most 10 s, until the app is handling exactly `n` requests;
+    /// panics naming `what` otherwise.
+    pub async fn until_in_flight(&self, n: usize, what: &str) {
+        crate::wait::until(Duration::from_secs(10), what, || async {
+            match self.in_flight() {
+                now if now == n => Ok(()),
+                now => Err(format!("{now} in flight")),
+            }
+        })
+        .await;
+    }
 }
 
 impl Drop for App {
@@ -117,7 +129,8 @@ impl Drop for InFlight {
 /// - `/status/<code>` answers with that status.
 ///
 /// Every response carries `x-app` (the name), `x-seen-host` (the Host or authority
-/// the app saw) and `x-seen-headers` (the request header names it got).
+/// the app saw), `x-seen-headers` (the request header names it got) and
+/// `x-seen-version` (the request's HTTP version, as `HTTP/1.1`).
 /// [`App::in_flight`] counts the requests it is handling.
 pub fn http_app(listener: TcpListener, name: &'static str) -> App {
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -167,6 +180,7 @@ async fn handle(
         .map(|k| k.as_str())
         .collect::<Vec<_>>()
         .join(",");
+    let seen_version = format!("{:?}", req.version());
     let path = req.uri().path().to_owned();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (status, body): (StatusCode, AppBody) = match (parts.next(), parts.next()) {
@@ -217,6 +231,9 @@ async fn handle(
     }
     if let Ok(v) = seen_headers.parse() {
         headers.insert("x-seen-headers", v);
+    }
+    if let Ok(v) = seen_version.parse() {
+        headers.insert("x-seen-version", v);
     }
     Ok(response)
 }

@@ -4,8 +4,9 @@
 //! ([`crate::stack`]); everything else goes straight to the connection's original
 //! destination. Inbound, a request passes the port's rate limit, if it has one,
 //! then goes to the application. Either way it travels on the pooled upstream
-//! connections, in the protocol the client spoke; what the proxy answers itself is
-//! built by [`respond`].
+//! connections, in the protocol the client spoke (save HTTP/1.1 between two
+//! sidecars when their HTTP/1 connections are busy: [`crate::upstream::forward`]);
+//! what the proxy answers itself is built by [`respond`].
 
 pub mod head_wait;
 pub mod respond;
@@ -17,7 +18,7 @@ use crate::{
     shutdown::Drain,
     stack::outcome::{is_grpc, ClientAddr, Failure, FailureKind, Flags, Req, Routed, Rsp},
     upstream::{
-        forward::{forward, is_upgrade},
+        forward::{downgrade_from_sidecar, forward, is_upgrade},
         pool::Pool,
         request_body::{BodyStalled, ClientBody, RequestBody},
     },
@@ -114,6 +115,15 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let grpc = is_grpc(&req);
         let (mut parts, body) = req.into_parts();
+        // An HTTP/1.1 request the calling sidecar carried over HTTP/2 goes on, and is
+        // counted, as the HTTP/1.1 request its client sent.
+        let protocol = match self.protocol == Protocol::Http2
+            && self.shared.direction == Direction::Inbound
+            && downgrade_from_sidecar(&mut parts)
+        {
+            true => Protocol::Http1,
+            false => self.protocol,
+        };
         // A tunnel (an upgrade to a WebSocket, a CONNECT) may rightly be quiet.
         let upgrade = is_upgrade(&parts.headers);
         let idle = match upgrade || parts.method == http::Method::CONNECT {
@@ -129,7 +139,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
         let dispatched = self.dispatch(req, &mut labels);
         let answer = Answer {
             shared: self.shared.clone(),
-            protocol: self.protocol,
+            protocol,
             client: self.client,
             head_wait: self.head_wait.clone(),
             start,

@@ -128,6 +128,19 @@ impl ConnectionLimit {
 /// The most idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// How many requests a meshed endpoint's HTTP/1 connections carry at once before
+/// the next one, finding none idle, rides the shared HTTP/2 connection to the
+/// endpoint's sidecar instead (see [`Pool::h1_all_busy`]).
+pub const H1_BUSY_BEFORE_H2: usize = 4;
+
+/// One endpoint's HTTP/1 connections: those idle, and how many requests hold or
+/// wait for one.
+#[derive(Default)]
+struct H1Endpoint {
+    idle: Vec<http1::SendRequest<RequestBody>>,
+    busy: usize,
+}
+
 /// An opaque connection to an endpoint (see [`Pool::connect_opaque`]).
 pub enum Opaque {
     Plain(TcpStream),
@@ -143,27 +156,49 @@ pub struct Pool {
     connect_timeout: Duration,
     /// The proxy's certificate, for mesh mTLS to endpoints whose identity is known.
     identity: Option<Arc<Identity>>,
-    h1_idle: Mutex<HashMap<Key, Vec<http1::SendRequest<RequestBody>>>>,
+    h1: Mutex<HashMap<Key, H1Endpoint>>,
     h2: Mutex<HashMap<Key, http2::SendRequest<RequestBody>>>,
 }
 
 /// An HTTP/1 connection lent to one request, returned when its response is done.
 pub struct Lease {
-    pool: Arc<Pool>,
-    key: Key,
+    busy: Busy,
     sender: http1::SendRequest<RequestBody>,
 }
 
 impl Lease {
     /// Puts the connection back for the next request to the same endpoint.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        let Lease { mut busy, sender } = self;
+        if sender.is_closed() {
             return;
         }
-        let mut idle = lock(&self.pool.h1_idle);
-        let list = idle.entry(self.key).or_default();
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(self.sender);
+        let mut h1 = lock(&busy.pool.h1);
+        let endpoint = h1.entry(busy.key).or_default();
+        endpoint.busy = endpoint.busy.saturating_sub(1);
+        busy.counted = false;
+        if endpoint.idle.len() < MAX_IDLE_PER_ENDPOINT {
+            endpoint.idle.push(sender);
+        }
+    }
+}
+
+/// A request's place in its endpoint's count of busy HTTP/1 connections, from
+/// checkout until its connection is back or gone.
+struct Busy {
+    pool: Arc<Pool>,
+    key: Key,
+    /// Still in the count: cleared where the connection is returned, under the
+    /// same lock.
+    counted: bool,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.counted {
+            if let Some(endpoint) = lock(&self.pool.h1).get_mut(&self.key) {
+                endpoint.busy = endpoint.busy.saturating_sub(1);
+            }
         }
     }
 }
@@ -185,7 +220,7 @@ impl Pool {
         Arc::new(Pool {
             connect_timeout,
             identity,
-            h1_idle: Mutex::new(HashMap::new()),
+            h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         })
     }
@@ -289,7 +324,7 @@ impl Pool {
         loop {
             let mut sender = match first.take() {
                 Some(sender) => sender,
-                None => lock(&self.h1_idle).get_mut(&key)?.pop()?,
+                None => lock(&self.h1).get_mut(&key)?.idle.pop()?,
             };
             // Ready at once if idle; waits out a response the server is finishing;
             // fails if the server closed it.
@@ -350,25 +385,31 @@ impl Pool {
         peer: Option<&'a Workload>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Lease), UpstreamError>> + Send + 'a {
         let key = self.key(addr, peer);
-        let idle = lock(&self.h1_idle).get_mut(&key).and_then(Vec::pop);
+        let idle = {
+            let mut h1 = lock(&self.h1);
+            let endpoint = h1.entry(key).or_default();
+            endpoint.busy += 1;
+            endpoint.idle.pop()
+        };
+        let busy = Busy {
+            pool: self,
+            key,
+            counted: true,
+        };
         match idle {
             Some(mut sender) if sender.is_ready() => {
                 let sent = sender.try_send_request(req);
                 Either::Left(sent.then(move |result| match result {
                     Ok(response) => {
-                        let lease = Lease {
-                            pool: self,
-                            key,
-                            sender,
-                        };
+                        let lease = Lease { busy, sender };
                         Either::Left(std::future::ready(Ok((response, lease))))
                     }
                     Err(mut error) => match error.take_message() {
                         // Closed while idle, before any of the request was written:
                         // safe to send again, on another connection.
-                        Some(unsent) => Either::Right(Box::pin(
-                            self.send_h1_waiting(addr, key, unsent, limit, peer, None),
-                        )),
+                        Some(unsent) => Either::Right(Box::pin(Self::send_h1_waiting(
+                            busy, addr, unsent, limit, peer, None,
+                        ))),
                         None => Either::Left(std::future::ready(Err(UpstreamError::Reset {
                             addr,
                             source: error.into_error(),
@@ -376,41 +417,51 @@ impl Pool {
                     },
                 }))
             }
-            idle => Either::Right(Box::pin(
-                self.send_h1_waiting(addr, key, req, limit, peer, idle),
-            )),
+            idle => Either::Right(Box::pin(Self::send_h1_waiting(
+                busy, addr, req, limit, peer, idle,
+            ))),
         }
+    }
+
+    /// True when requests hold every one of `addr`'s HTTP/1 connections, and at
+    /// least [`H1_BUSY_BEFORE_H2`] of them: a request to a sidecar that could ride
+    /// the shared HTTP/2 connection rather than wait for or open another.
+    ///
+    /// Why not always HTTP/2 between sidecars, as Linkerd does: one request at a
+    /// time, hyper's HTTP/1 costs each sidecar 15-25 % less CPU than its HTTP/2.
+    /// Many at once, one HTTP/2 connection carries several in each read and write
+    /// where HTTP/1 pays a system call per message: so the pair carried 23-27 %
+    /// more at its max rate, at the same CPU per request at 1000 rps
+    /// (benches/RESULTS.md, 2026-12-08).
+    pub fn h1_all_busy(&self, addr: SocketAddr, peer: Option<&Workload>) -> bool {
+        let key = self.key(addr, peer);
+        lock(&self.h1)
+            .get(&key)
+            .is_some_and(|endpoint| endpoint.idle.is_empty() && endpoint.busy >= H1_BUSY_BEFORE_H2)
     }
 
     /// [`Pool::send_h1`] when no idle connection was ready: waits for `idle`, or
     /// another pooled connection, to be, or connects. Its caller boxes it, so the
     /// connect and TLS handshake states (kilobytes) are paid only on this path.
     async fn send_h1_waiting(
-        self: Arc<Self>,
+        busy: Busy,
         addr: SocketAddr,
-        key: Key,
         mut req: Request<RequestBody>,
         limit: Option<&ConnectionLimit>,
         peer: Option<&Workload>,
         mut idle: Option<http1::SendRequest<RequestBody>>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let (pool, key) = (&busy.pool, busy.key);
         loop {
-            let (mut sender, reused) = match self.checkout_h1(key, idle.take()).await {
+            let (mut sender, reused) = match pool.checkout_h1(key, idle.take()).await {
                 Some(sender) => (sender, true),
                 None => {
-                    let tls = self.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
-                    (self.connect_h1(addr, tls, limit).await?, false)
+                    let tls = pool.mtls(key, peer, crate::tls::ALPN_HTTP1)?;
+                    (pool.connect_h1(addr, tls, limit).await?, false)
                 }
             };
             match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let lease = Lease {
-                        pool: self,
-                        key,
-                        sender,
-                    };
-                    return Ok((response, lease));
-                }
+                Ok(response) => return Ok((response, Lease { busy, sender })),
                 Err(mut error) => match error.take_message() {
                     // Not written at all: safe to send again on a fresh connection.
                     Some(unsent) if reused => req = unsent,
@@ -558,6 +609,13 @@ mod tests {
         (addr, connections)
     }
 
+    /// Whether each idle pooled HTTP/1 connection has been closed.
+    fn idle_closed(pool: &Pool) -> Vec<bool> {
+        let h1 = lock(&pool.h1);
+        let idle = h1.values().flat_map(|endpoint| &endpoint.idle);
+        idle.map(|sender| sender.is_closed()).collect()
+    }
+
     fn get() -> Request<RequestBody> {
         Request::get("/").body(RequestBody::Empty).unwrap()
     }
@@ -601,6 +659,45 @@ mod tests {
         assert_eq!(connections.load(Ordering::SeqCst), 3);
     }
 
+    #[tokio::test]
+    async fn an_endpoint_is_busy_while_requests_hold_all_its_connections() {
+        let (addr, _) = server().await;
+        let pool = Pool::new(Duration::from_secs(5));
+        let mut leases = Vec::new();
+        for _ in 0..H1_BUSY_BEFORE_H2 {
+            assert!(!pool.h1_all_busy(addr, None));
+            let (response, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+            drop(response);
+            leases.push(lease);
+        }
+        assert!(pool.h1_all_busy(addr, None));
+
+        // A connection given back is idle: the next request takes it.
+        leases.pop().unwrap().release();
+        assert!(!pool.h1_all_busy(addr, None));
+        let (_response, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        leases.push(lease);
+        assert!(pool.h1_all_busy(addr, None));
+
+        // A lease dropped unreleased (its response cut short) closes its connection
+        // and no longer counts.
+        drop(leases.pop());
+        assert!(!pool.h1_all_busy(addr, None));
+
+        // A request that fails to connect leaves no count behind.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nowhere = closed.local_addr().unwrap();
+        drop(closed);
+        for _ in 0..H1_BUSY_BEFORE_H2 {
+            assert!(pool
+                .clone()
+                .send_h1(nowhere, get(), None, None)
+                .await
+                .is_err());
+        }
+        assert_eq!(lock(&pool.h1)[&(nowhere, None)].busy, 0);
+    }
+
     /// An HTTP/1 server on loopback that answers one request per connection and,
     /// once `close` is notified, closes it without having said so (no `Connection:
     /// close`), as a server does when its keep-alive timeout ends; counts connections.
@@ -641,15 +738,11 @@ mod tests {
             .await
             .unwrap();
         lease.release();
-        assert_eq!(lock(&pool.h1_idle).values().flatten().count(), 1);
+        assert_eq!(idle_closed(&pool), [false]);
         close.notify_one();
         // Wait (bounded) until the pooled connection has seen the server close it.
         let closed = async {
-            while !lock(&pool.h1_idle)
-                .values()
-                .flatten()
-                .all(|s| s.is_closed())
-            {
+            while !idle_closed(&pool).iter().all(|closed| *closed) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };

@@ -12,7 +12,7 @@ use trellis_tests::{
     http::{collect, get, h2_client, send_h1, send_h2},
     mesh::{Mesh, ECHO, HTTP, WS},
     sidecar::admin,
-    wait::{until, within},
+    wait::within,
 };
 
 #[tokio::test]
@@ -51,18 +51,10 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         }));
     }
     // Every request has crossed both sidecars and reached the app: stop both.
-    let app = mesh.app(HTTP);
-    until(
-        Duration::from_secs(10),
-        "all 8 requests at the app",
-        || async {
-            match app.in_flight() {
-                8 => Ok(()),
-                n => Err(format!("{n} in flight")),
-            }
-        },
-    )
-    .await;
+    let at_app = mesh
+        .app(HTTP)
+        .until_in_flight(8, "all 8 requests at the app");
+    at_app.await;
     mesh.client.terminate();
     mesh.server.terminate();
 

@@ -2,7 +2,9 @@
 //! control plane acting as the mesh CA; the client's sidecar, knowing from the
 //! EndpointSlice's pod who answers at the endpoint, calls it over mesh mTLS and
 //! checks the peer is that identity; the server's sidecar terminates it, takes the
-//! caller's certificate, and hands the request to the app as before. A STRICT port
+//! caller's certificate, and hands the request to the app as before; an HTTP/1
+//! request that rides the pooled HTTP/2 connection when the endpoint is busy
+//! reaches the app as HTTP/1.1. A STRICT port
 //! refuses callers without mesh mTLS; a peer that is not who the config says is
 //! refused by the caller. OpenSSL, as a client the proxy did not write, sees TLS
 //! 1.3 and a SPIFFE-only certificate, and is refused with a certificate from
@@ -61,7 +63,7 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
     // Pods: client (0), server (1), control plane (2), and a caller outside the
     // mesh (3, no sidecar).
     let net = Network::new(4);
-    let _app = apps::http_app(net.pod(1).listen(8080), "reviews");
+    let reviews_app = apps::http_app(net.pod(1).listen(8080), "reviews");
     let secrets = TempDir::new("mtls");
     let cp = issuing_control_plane(&net, &secrets, &["frontend", "reviews"]).await;
     let server = cp
@@ -115,6 +117,35 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
         inbound_tls_now > inbound_tls,
         "a new mesh mTLS connection for HTTP/2"
     );
+
+    // With four HTTP/1 requests holding four connections, a fifth rides that
+    // HTTP/2 connection rather than open a fifth mTLS connection, and reaches the
+    // app as the HTTP/1.1 request it was.
+    let inbound_tls = || async {
+        let metrics = server.metrics().await;
+        let labels = [("direction", "inbound"), ("protocol", "tls")];
+        metrics.sum("trellis_tcp_connections_total", &labels)
+    };
+    let held = futures_util::future::join_all(
+        (0..4).map(|_| get_with_host(net.pod(0), reviews, "/slow/3000", "reviews.shop")),
+    );
+    let busy = async {
+        reviews_app
+            .until_in_flight(4, "four slow requests at the app")
+            .await;
+        let before = inbound_tls().await;
+        let (status, headers, _) = get_with_host(net.pod(0), reviews, "/", "reviews.shop")
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-seen-version"], "HTTP/1.1");
+        assert_eq!(headers["x-seen-host"], "reviews.shop");
+        assert_eq!(inbound_tls().await, before, "a new connection was opened");
+    };
+    let (held, ()) = tokio::join!(held, busy);
+    for answer in held {
+        assert_eq!(answer.unwrap().0, 200);
+    }
 
     // PERMISSIVE, the default: a caller outside the mesh still gets through.
     let app: SocketAddr = "198.18.0.3:8080".parse().unwrap();

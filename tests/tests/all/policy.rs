@@ -217,17 +217,10 @@ async fn a_pool_limit_of_n_overflows_request_n_plus_one() {
         })
         .collect();
     // Both slots are taken once both slow requests are at the app.
-    until(
-        Duration::from_secs(10),
-        "two slow requests at the app",
-        || async {
-            match mesh.app(HTTP).in_flight() {
-                2 => Ok(()),
-                n => Err(format!("{n} in flight")),
-            }
-        },
-    )
-    .await;
+    let at_app = mesh
+        .app(HTTP)
+        .until_in_flight(2, "two slow requests at the app");
+    at_app.await;
     // Refused at once: had it queued for a slot, it would have had one when a slow
     // request finished, and a 200.
     let (status, headers) = call(&mesh, "limited.shop", "/", &[]).await;
