@@ -5,7 +5,8 @@
 //! destination. Inbound, a request passes the port's rate limit, if it has one,
 //! then goes to the application. Either way it travels on the pooled upstream
 //! connections, in the protocol the client spoke (save HTTP/1.1 between two
-//! sidecars when their HTTP/1 connections are busy: [`crate::upstream::forward`]);
+//! sidecars over mesh mTLS when their HTTP/1 connections are busy:
+//! [`crate::upstream::forward`]);
 //! what the proxy answers itself is built by [`respond`].
 
 pub mod head_wait;

@@ -2,10 +2,10 @@
 //! spoke, with the headers that describe only one hop removed, and an upgrade
 //! (WebSocket and the like) spliced through once both sides switch.
 //!
-//! One exception to the client's protocol: an HTTP/1.1 request to an endpoint with
-//! a sidecar (its identity is known), whose HTTP/1 connections are all busy, rides
-//! the pooled HTTP/2 connection to that sidecar, marked with [`ORIG_PROTO`]; the
-//! sidecar sends it on to its app as HTTP/1.1 ([`downgrade_from_sidecar`]).
+//! One exception to the client's protocol: an HTTP/1.1 request to another sidecar
+//! over mesh mTLS, whose HTTP/1 connections are all busy, rides the pooled HTTP/2
+//! connection to that sidecar, marked with [`ORIG_PROTO`]; the sidecar sends it on
+//! to its app as HTTP/1.1 ([`downgrade_from_sidecar`]).
 
 use super::{
     body::{Req, ResponseBody, Rsp},
@@ -37,7 +37,7 @@ pub fn forward<'a>(
 ) -> impl Future<Output = Result<Rsp, UpstreamError>> + Send + 'a {
     // Rewritten here, then sent with the HTTP/2 requests below.
     let carried = req.version() == Version::HTTP_11
-        && peer.is_some()
+        && pool.speaks_mtls(peer)
         && pool.h1_all_busy(addr, peer)
         && upgrade_for_sidecar(&mut req);
     if req.version() == Version::HTTP_2 {

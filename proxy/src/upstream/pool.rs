@@ -128,9 +128,9 @@ impl ConnectionLimit {
 /// The most idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
-/// How many requests a meshed endpoint's HTTP/1 connections carry at once before
-/// the next one, finding none idle, rides the shared HTTP/2 connection to the
-/// endpoint's sidecar instead (see [`Pool::h1_all_busy`]).
+/// How many requests an endpoint's HTTP/1 connections over mesh mTLS carry at once
+/// before the next one, finding none idle, rides the shared HTTP/2 connection to
+/// the endpoint's sidecar instead (see [`Pool::h1_all_busy`]).
 pub const H1_BUSY_BEFORE_H2: usize = 4;
 
 /// One endpoint's HTTP/1 connections: those idle, and how many requests hold or
@@ -225,14 +225,20 @@ impl Pool {
         })
     }
 
+    /// True when a request to `peer` goes over mesh mTLS: its identity is known
+    /// and the proxy has a certificate.
+    pub fn speaks_mtls(&self, peer: Option<&Workload>) -> bool {
+        peer.is_some()
+            && self
+                .identity
+                .as_ref()
+                .is_some_and(|identity| identity.is_certified())
+    }
+
     /// The pool a request to `addr` takes: mesh mTLS with `peer` when the
     /// endpoint's identity is known and the proxy has a certificate, else plaintext.
     fn key(&self, addr: SocketAddr, peer: Option<&Workload>) -> Key {
-        let meshed = self
-            .identity
-            .as_ref()
-            .is_some_and(|identity| identity.is_certified());
-        let peer = peer.filter(|_| meshed).map(|workload| {
+        let peer = peer.filter(|_| self.speaks_mtls(peer)).map(|workload| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             workload.hash(&mut hasher);
@@ -424,15 +430,16 @@ impl Pool {
     }
 
     /// True when requests hold every one of `addr`'s HTTP/1 connections, and at
-    /// least [`H1_BUSY_BEFORE_H2`] of them: a request to a sidecar that could ride
-    /// the shared HTTP/2 connection rather than wait for or open another.
+    /// least [`H1_BUSY_BEFORE_H2`] of them: a request to a sidecar, over mesh mTLS,
+    /// could ride the shared HTTP/2 connection rather than wait for or open another.
     ///
     /// Why not always HTTP/2 between sidecars, as Linkerd does: one request at a
-    /// time, hyper's HTTP/1 costs each sidecar 15-25 % less CPU than its HTTP/2.
-    /// Many at once, one HTTP/2 connection carries several in each read and write
-    /// where HTTP/1 pays a system call per message: so the pair carried 23-27 %
-    /// more at its max rate, at the same CPU per request at 1000 rps
-    /// (benches/RESULTS.md, 2026-12-08).
+    /// time, hyper's HTTP/1 costs each sidecar 6-25 % less CPU than its HTTP/2.
+    /// Many at once inside mTLS, one HTTP/2 connection carries several in each
+    /// read, write and TLS record, where HTTP/1 pays them per message: so the mTLS
+    /// pair carried 27 % more at its max rate, at the same CPU per request at 1000
+    /// rps, and the same behind a slow app. In plaintext the slow app's case cost
+    /// the sidecars 8-18 % more CPU per request (benches/RESULTS.md, 2026-12-08).
     pub fn h1_all_busy(&self, addr: SocketAddr, peer: Option<&Workload>) -> bool {
         let key = self.key(addr, peer);
         lock(&self.h1)

@@ -17,7 +17,7 @@ use std::{net::SocketAddr, time::Duration};
 use trellis_tests::{
     apps,
     control_plane::{mesh_ca, workload_certificate, ControlPlane},
-    http::{collect, get_with_host, h2_client, send_h2},
+    http::{collect, get_with_host, h2_client, send_h1, send_h2},
     netns::Network,
     sidecar::Sidecar,
     wait::until,
@@ -120,11 +120,19 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
 
     // With four HTTP/1 requests holding four connections, a fifth rides that
     // HTTP/2 connection rather than open a fifth mTLS connection, and reaches the
-    // app as the HTTP/1.1 request it was.
-    let inbound_tls = || async {
-        let metrics = server.metrics().await;
-        let labels = [("direction", "inbound"), ("protocol", "tls")];
-        metrics.sum("trellis_tcp_connections_total", &labels)
+    // app as the HTTP/1.1 request it was, body and all; both sidecars count it as
+    // HTTP/1.
+    let inbound = |protocol| {
+        let server = &server;
+        async move {
+            let metrics = server.metrics().await;
+            let connections = [("direction", "inbound"), ("protocol", "tls")];
+            let requests = [("direction", "inbound"), ("protocol", protocol)];
+            (
+                metrics.sum("trellis_tcp_connections_total", &connections),
+                metrics.sum("trellis_requests_total", &requests),
+            )
+        }
     };
     let held = futures_util::future::join_all(
         (0..4).map(|_| get_with_host(net.pod(0), reviews, "/slow/3000", "reviews.shop")),
@@ -133,14 +141,40 @@ async fn http_between_two_sidecars_goes_over_mtls_to_the_identity_the_config_nam
         reviews_app
             .until_in_flight(4, "four slow requests at the app")
             .await;
-        let before = inbound_tls().await;
-        let (status, headers, _) = get_with_host(net.pod(0), reviews, "/", "reviews.shop")
-            .await
+        let (tls_before, http2_before) = inbound("http2").await;
+        const SIZE: usize = 300_000;
+        let req = Request::post("/upload?to=reviews")
+            .header("host", "reviews.shop")
+            .header("x-user", "ann")
+            .body(Full::new(Bytes::from(
+                (0..SIZE).map(apps::pattern).collect::<Vec<_>>(),
+            )))
             .unwrap();
+        let sent = send_h1(net.pod(0), reviews, req).await.unwrap();
+        let (status, headers, body) = collect(sent).await.unwrap();
         assert_eq!(status, 200);
+        let sum = (0..SIZE).fold(0u64, |sum, i| {
+            sum.wrapping_add((i as u64).wrapping_mul(u64::from(apps::pattern(i))))
+        });
+        assert_eq!(body, format!("{SIZE} {sum}"));
         assert_eq!(headers["x-seen-version"], "HTTP/1.1");
         assert_eq!(headers["x-seen-host"], "reviews.shop");
-        assert_eq!(inbound_tls().await, before, "a new connection was opened");
+        let seen = headers["x-seen-headers"].to_str().unwrap();
+        assert!(seen.contains("x-user"), "{seen}");
+        assert!(
+            !seen.contains("orig-proto"),
+            "the mark reached the app: {seen}"
+        );
+        let (tls_after, http2_after) = inbound("http2").await;
+        assert_eq!(tls_after, tls_before, "a new connection was opened");
+        assert_eq!(http2_after, http2_before, "counted as HTTP/2");
+        let client = client.metrics().await;
+        let upload = [
+            ("direction", "outbound"),
+            ("protocol", "http1"),
+            ("code", "200"),
+        ];
+        assert!(client.sum("trellis_requests_total", &upload) >= 1.0);
     };
     let (held, ()) = tokio::join!(held, busy);
     for answer in held {
