@@ -35,17 +35,18 @@ pub fn forward<'a>(
     connections: Option<&'a ConnectionLimit>,
     peer: Option<&'a Workload>,
 ) -> impl Future<Output = Result<Rsp, UpstreamError>> + Send + 'a {
+    let key = pool.key(addr, peer);
     // Rewritten here, then sent with the HTTP/2 requests below.
     let carried = req.version() == Version::HTTP_11
         && pool.speaks_mtls(peer)
-        && pool.h1_all_busy(addr, peer)
+        && pool.h1_all_busy(key)
         && upgrade_for_sidecar(&mut req);
     if req.version() == Version::HTTP_2 {
         strip_hop_by_hop(req.headers_mut(), false);
         if carried {
             req.headers_mut().insert(ORIG_PROTO, HTTP_11);
         }
-        let sent = pool.send_h2(addr, req, connections, peer);
+        let sent = pool.send_h2(key, req, connections, peer);
         return Either::Left(sent.map(move |result| {
             let mut response = result?;
             strip_hop_by_hop(response.headers_mut(), false);
@@ -60,7 +61,7 @@ pub fn forward<'a>(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let drain = req.extensions_mut().remove::<Drain>();
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let sent = pool.send_h1(addr, req, connections, peer);
+    let sent = pool.send_h1(key, req, connections, peer);
     Either::Right(sent.map(move |result| {
         let (mut response, lease) = result?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {

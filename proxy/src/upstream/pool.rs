@@ -150,7 +150,7 @@ pub enum Opaque {
 /// Connections are pooled by endpoint and, for mesh mTLS, by the peer identity they
 /// proved (a hash of it), so a connection is never reused for a peer it was not
 /// checked against.
-type Key = (SocketAddr, Option<u64>);
+pub type Key = (SocketAddr, Option<u64>);
 
 pub struct Pool {
     connect_timeout: Duration,
@@ -237,7 +237,7 @@ impl Pool {
 
     /// The pool a request to `addr` takes: mesh mTLS with `peer` when the
     /// endpoint's identity is known and the proxy has a certificate, else plaintext.
-    fn key(&self, addr: SocketAddr, peer: Option<&Workload>) -> Key {
+    pub fn key(&self, addr: SocketAddr, peer: Option<&Workload>) -> Key {
         let peer = peer.filter(|_| self.speaks_mtls(peer)).map(|workload| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -374,8 +374,9 @@ impl Pool {
         }
     }
 
-    /// Sends an HTTP/1 request; the lease must be released once the response body
-    /// has been read to its end (or dropped, which closes the connection).
+    /// Sends an HTTP/1 request to `key`'s endpoint ([`Pool::key`]); the lease must be
+    /// released once the response body has been read to its end (or dropped, which
+    /// closes the connection).
     ///
     /// Usually an idle connection is ready: the request is handed to it here, and
     /// the future only waits for the response. It is built from combinators, not
@@ -385,12 +386,12 @@ impl Pool {
     /// the boxed [`Pool::send_h1_waiting`].
     pub fn send_h1<'a>(
         self: Arc<Self>,
-        addr: SocketAddr,
+        key: Key,
         req: Request<RequestBody>,
         limit: Option<&'a ConnectionLimit>,
         peer: Option<&'a Workload>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Lease), UpstreamError>> + Send + 'a {
-        let key = self.key(addr, peer);
+        let addr = key.0;
         let idle = {
             let mut h1 = lock(&self.h1);
             let endpoint = h1.entry(key).or_default();
@@ -429,7 +430,7 @@ impl Pool {
         }
     }
 
-    /// True when requests hold every one of `addr`'s HTTP/1 connections, and at
+    /// True when requests hold every one of `key`'s HTTP/1 connections, and at
     /// least [`H1_BUSY_BEFORE_H2`] of them: a request to a sidecar, over mesh mTLS,
     /// could ride the shared HTTP/2 connection rather than wait for or open another.
     ///
@@ -440,8 +441,7 @@ impl Pool {
     /// pair carried 27 % more at its max rate, at the same CPU per request at 1000
     /// rps, and the same behind a slow app. In plaintext the slow app's case cost
     /// the sidecars 8-18 % more CPU per request (benches/RESULTS.md, 2026-12-08).
-    pub fn h1_all_busy(&self, addr: SocketAddr, peer: Option<&Workload>) -> bool {
-        let key = self.key(addr, peer);
+    pub fn h1_all_busy(&self, key: Key) -> bool {
         lock(&self.h1)
             .get(&key)
             .is_some_and(|endpoint| endpoint.idle.is_empty() && endpoint.busy >= H1_BUSY_BEFORE_H2)
@@ -488,12 +488,12 @@ impl Pool {
     /// making one, or waiting for it, is boxed apart.
     pub fn send_h2<'a>(
         self: Arc<Self>,
-        addr: SocketAddr,
+        key: Key,
         req: Request<RequestBody>,
         limit: Option<&'a ConnectionLimit>,
         peer: Option<&'a Workload>,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'a {
-        let key = self.key(addr, peer);
+        let addr = key.0;
         let existing = lock(&self.h2).get(&key).filter(|s| !s.is_closed()).cloned();
         match existing {
             Some(mut sender) if sender.is_ready() => {
@@ -634,13 +634,17 @@ mod tests {
         let limit = ConnectionLimit::new(1, "web.default:80".into());
         let (first, lease) = pool
             .clone()
-            .send_h1(addr, get(), Some(&limit), None)
+            .send_h1(pool.key(addr, None), get(), Some(&limit), None)
             .await
             .unwrap();
         assert_eq!(first.status(), 200);
 
         // The one connection is lent out: a second request would need another.
-        let Err(refused) = pool.clone().send_h1(addr, get(), Some(&limit), None).await else {
+        let Err(refused) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), Some(&limit), None)
+            .await
+        else {
             panic!("a second connection was opened");
         };
         assert!(refused.is_overflow(), "{refused}");
@@ -654,15 +658,23 @@ mod tests {
         lease.release();
         let (again, _lease) = pool
             .clone()
-            .send_h1(addr, get(), Some(&limit), None)
+            .send_h1(pool.key(addr, None), get(), Some(&limit), None)
             .await
             .unwrap();
         assert_eq!(again.status(), 200);
         assert_eq!(connections.load(Ordering::SeqCst), 1);
 
         // Without a limit the same pool opens as many as it needs.
-        let (_a, _la) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
-        let (_b, _lb) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        let (_a, _la) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), None, None)
+            .await
+            .unwrap();
+        let (_b, _lb) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), None, None)
+            .await
+            .unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 3);
     }
 
@@ -672,24 +684,32 @@ mod tests {
         let pool = Pool::new(Duration::from_secs(5));
         let mut leases = Vec::new();
         for _ in 0..H1_BUSY_BEFORE_H2 {
-            assert!(!pool.h1_all_busy(addr, None));
-            let (response, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+            assert!(!pool.h1_all_busy(pool.key(addr, None)));
+            let (response, lease) = pool
+                .clone()
+                .send_h1(pool.key(addr, None), get(), None, None)
+                .await
+                .unwrap();
             drop(response);
             leases.push(lease);
         }
-        assert!(pool.h1_all_busy(addr, None));
+        assert!(pool.h1_all_busy(pool.key(addr, None)));
 
         // A connection given back is idle: the next request takes it.
         leases.pop().unwrap().release();
-        assert!(!pool.h1_all_busy(addr, None));
-        let (_response, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        assert!(!pool.h1_all_busy(pool.key(addr, None)));
+        let (_response, lease) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), None, None)
+            .await
+            .unwrap();
         leases.push(lease);
-        assert!(pool.h1_all_busy(addr, None));
+        assert!(pool.h1_all_busy(pool.key(addr, None)));
 
         // A lease dropped unreleased (its response cut short) closes its connection
         // and no longer counts.
         drop(leases.pop());
-        assert!(!pool.h1_all_busy(addr, None));
+        assert!(!pool.h1_all_busy(pool.key(addr, None)));
 
         // A request that fails to connect leaves no count behind.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -698,7 +718,7 @@ mod tests {
         for _ in 0..H1_BUSY_BEFORE_H2 {
             assert!(pool
                 .clone()
-                .send_h1(nowhere, get(), None, None)
+                .send_h1(pool.key(nowhere, None), get(), None, None)
                 .await
                 .is_err());
         }
@@ -739,7 +759,11 @@ mod tests {
         let close = Arc::new(tokio::sync::Notify::new());
         let (addr, connections) = closing_server(close.clone()).await;
         let pool = Pool::new(Duration::from_secs(5));
-        let (first, lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        let (first, lease) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), None, None)
+            .await
+            .unwrap();
         assert_eq!(first.status(), 200);
         http_body_util::BodyExt::collect(first.into_body())
             .await
@@ -757,7 +781,11 @@ mod tests {
             .await
             .expect("the idle connection never saw the server close it");
 
-        let (second, _lease) = pool.clone().send_h1(addr, get(), None, None).await.unwrap();
+        let (second, _lease) = pool
+            .clone()
+            .send_h1(pool.key(addr, None), get(), None, None)
+            .await
+            .unwrap();
         assert_eq!(second.status(), 200);
         assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
