@@ -682,34 +682,28 @@ mod tests {
     async fn an_endpoint_is_busy_while_requests_hold_all_its_connections() {
         let (addr, _) = server().await;
         let pool = Pool::new(Duration::from_secs(5));
+        let key = pool.key(addr, None);
+        let lend = || async {
+            let sent = pool.clone().send_h1(key, get(), None, None);
+            sent.await.unwrap().1
+        };
         let mut leases = Vec::new();
         for _ in 0..H1_BUSY_BEFORE_H2 {
-            assert!(!pool.h1_all_busy(pool.key(addr, None)));
-            let (response, lease) = pool
-                .clone()
-                .send_h1(pool.key(addr, None), get(), None, None)
-                .await
-                .unwrap();
-            drop(response);
-            leases.push(lease);
+            assert!(!pool.h1_all_busy(key));
+            leases.push(lend().await);
         }
-        assert!(pool.h1_all_busy(pool.key(addr, None)));
+        assert!(pool.h1_all_busy(key));
 
         // A connection given back is idle: the next request takes it.
         leases.pop().unwrap().release();
-        assert!(!pool.h1_all_busy(pool.key(addr, None)));
-        let (_response, lease) = pool
-            .clone()
-            .send_h1(pool.key(addr, None), get(), None, None)
-            .await
-            .unwrap();
-        leases.push(lease);
-        assert!(pool.h1_all_busy(pool.key(addr, None)));
+        assert!(!pool.h1_all_busy(key));
+        leases.push(lend().await);
+        assert!(pool.h1_all_busy(key));
 
         // A lease dropped unreleased (its response cut short) closes its connection
         // and no longer counts.
         drop(leases.pop());
-        assert!(!pool.h1_all_busy(pool.key(addr, None)));
+        assert!(!pool.h1_all_busy(key));
 
         // A request that fails to connect leaves no count behind.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
