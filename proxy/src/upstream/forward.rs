@@ -36,9 +36,10 @@ pub fn forward<'a>(
     peer: Option<&'a Workload>,
 ) -> impl Future<Output = Result<Rsp, UpstreamError>> + Send + 'a {
     let key = pool.key(addr, peer);
-    // Rewritten here, then sent with the HTTP/2 requests below.
+    // Rewritten here, then sent with the HTTP/2 requests below. A key that names
+    // the peer is one for mesh mTLS.
     let carried = req.version() == Version::HTTP_11
-        && pool.speaks_mtls(peer)
+        && key.1.is_some()
         && pool.h1_all_busy(key)
         && upgrade_for_sidecar(&mut req);
     if req.version() == Version::HTTP_2 {

@@ -225,20 +225,15 @@ impl Pool {
         })
     }
 
-    /// True when a request to `peer` goes over mesh mTLS: its identity is known
-    /// and the proxy has a certificate.
-    pub fn speaks_mtls(&self, peer: Option<&Workload>) -> bool {
-        peer.is_some()
-            && self
-                .identity
-                .as_ref()
-                .is_some_and(|identity| identity.is_certified())
-    }
-
     /// The pool a request to `addr` takes: mesh mTLS with `peer` when the
-    /// endpoint's identity is known and the proxy has a certificate, else plaintext.
+    /// endpoint's identity is known and the proxy has a certificate (the key then
+    /// carries the peer's hash), else plaintext.
     pub fn key(&self, addr: SocketAddr, peer: Option<&Workload>) -> Key {
-        let peer = peer.filter(|_| self.speaks_mtls(peer)).map(|workload| {
+        let meshed = self
+            .identity
+            .as_ref()
+            .is_some_and(|identity| identity.is_certified());
+        let peer = peer.filter(|_| meshed).map(|workload| {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
             workload.hash(&mut hasher);
